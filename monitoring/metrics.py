@@ -1,0 +1,333 @@
+"""Every Prometheus metric Vigil exports, defined once.
+
+Usage::
+
+    metrics = VigilMetrics(registry=CollectorRegistry())
+    bound = metrics.bind(card, variant="stable")   # once per model version
+    bound.record_predictions(predictions)           # on the request path
+
+Label values come from bounded sets only (model, version, variant, reason,
+feature, class, worker, kind) — never from request data. Children are bound
+once per model version, so the request path only increments.
+
+Under BentoML every worker writes its own files in ``PROMETHEUS_MULTIPROC_DIR``
+and ``/metrics`` merges them: counters and histograms sum across workers; each
+gauge names its mode (``livemax`` for facts every worker shares, such as which
+versions are loaded; per-worker gauges carry a ``worker`` label).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from service.registry import ModelCard
+    from service.runtime import Predictions
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+def prediction_buckets(card: ModelCard) -> tuple[float, ...]:
+    """Buckets for ``vigil_prediction_value``, derived from the model's reference predictions.
+
+    The reference deciles put about a tenth of healthy traffic in each bucket,
+    so a shift in the distribution shows as mass moving between buckets; the
+    card's range (regression) or [0, 1] (scores) bound them on both sides.
+    """
+    edges = set(round(q, 6) for q in card.prediction_quantiles)
+    if card.task == "regression" and card.prediction_range is not None:
+        lo, hi = card.prediction_range.min, card.prediction_range.max
+        edges.update({round(lo, 6), round(hi, 6)})
+    else:
+        edges.update({0.0, 1.0})
+    ordered = sorted(e for e in edges if math.isfinite(e))
+    return tuple(ordered) if ordered else PROBABILITY_BUCKETS
+
+
+def observe_many(child: Any, values: np.ndarray) -> None:
+    """Observe many values in a histogram child at the cost of a few increments.
+
+    ``Histogram`` has no bulk API; per-value ``observe`` costs ~2 µs each in
+    multiprocess mode, so a 64-row request would pay for 64 of them. This adds
+    the per-bucket counts and the sum directly, which is what ``observe`` does
+    one value at a time.
+    """
+    if values.size == 0:
+        return
+    buckets = getattr(child, "_buckets", None)
+    bounds = getattr(child, "_upper_bounds", None)
+    total = getattr(child, "_sum", None)
+    if buckets is None or bounds is None or total is None:  # a client version without these internals
+        for value in values.tolist():
+            child.observe(value)
+        return
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds))
+    for index in np.flatnonzero(counts).tolist():
+        buckets[index].inc(int(counts[index]))
+    total.inc(float(values.sum()))
+
+
+class VigilMetrics:
+    """The metric families; one instance per process, given the registry to register in."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.registry = registry
+        r = registry
+        self.request_duration = Histogram(
+            "vigil_request_duration_seconds", "End-to-end time of a /predict request inside the service.",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram(
+            "vigil_inference_duration_seconds", "Time of one model call (onnxruntime or fallback).",
+            ["model", "version", "variant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "vigil_batch_size", "Instances per model call.",
+            ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
+        self.predictions = Counter(
+            "vigil_predictions", "Instances answered.", ["model", "version", "variant"], registry=r)
+        # Buckets differ per model and a histogram object has one layout, so each layout
+        # gets its own object under the same name, exported as one family (see below).
+        self._prediction_value_families: dict[tuple[float, ...], Histogram] = {}
+        if registry is not None:
+            registry.register(_MergedFamily(self._prediction_value_families))
+        self.predicted_class = Counter(
+            "vigil_predicted_class", "Classification outputs by class.",
+            ["model", "version", "variant", "class"], registry=r)
+        self.prediction_out_of_range = Counter(
+            "vigil_prediction_out_of_range",
+            "Model outputs outside the card's range (regression) or not finite.",
+            ["model", "version"], registry=r)
+        self.input_missing = Counter(
+            "vigil_input_missing", "Null or absent values in accepted requests (nullable features).",
+            ["model", "feature"], registry=r)
+        self.input_out_of_range = Counter(
+            "vigil_input_out_of_range",
+            "Accepted values outside the reference min/max recorded in the card.",
+            ["model", "feature"], registry=r)
+        self.input_rejected = Counter(
+            "vigil_input_rejected", "Requests refused by validation, by reason.", ["model", "reason"], registry=r)
+        self.model_errors = Counter(
+            "vigil_model_errors", "Exceptions raised by the model runtime.", ["model", "version", "kind"], registry=r)
+        self.model_info = Gauge(
+            "vigil_model_info", "1 for every model version loaded and serving.",
+            ["model", "version", "sha256"], multiprocess_mode="livemax", registry=r)
+        self.model_load_seconds = Gauge(
+            "vigil_model_load_seconds", "Time taken to load the model version.",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.model_ready = Gauge(
+            "vigil_model_ready", "1 when the model serves, 0 when it failed to load.",
+            ["model"], multiprocess_mode="livemin", registry=r)
+        self.process_memory = Gauge(
+            "vigil_process_resident_memory_bytes", "Resident memory of the worker process.",
+            ["worker"], multiprocess_mode="livemax", registry=r)
+        self.process_cpu = Counter(
+            "vigil_process_cpu_seconds", "CPU time (user + system) used by the worker process.",
+            ["worker"], registry=r)
+        self.process_open_fds = Gauge(
+            "vigil_process_open_fds", "Open file descriptors of the worker process.",
+            ["worker"], multiprocess_mode="livemax", registry=r)
+        self.process_threads = Gauge(
+            "vigil_process_threads", "Threads of the worker process.",
+            ["worker"], multiprocess_mode="livemax", registry=r)
+
+    def prediction_value_family(self, buckets: tuple[float, ...]) -> Histogram:
+        """The ``vigil_prediction_value`` family object for one bucket layout."""
+        family = self._prediction_value_families.get(buckets)
+        if family is None:
+            family = Histogram(
+                "vigil_prediction_value",
+                "Regression value, or positive-class score of a binary classifier; buckets from the reference predictions.",
+                ["model", "version", "variant"], buckets=buckets, registry=None)
+            self._prediction_value_families[buckets] = family
+        return family
+
+    def bind(self, card: ModelCard, variant: str) -> BoundModelMetrics:
+        """Children for one model version and variant, bound once and reused by every request."""
+        return BoundModelMetrics(self, card, variant)
+
+    def rejected(self, model: str, reason: str) -> None:
+        """Count a request refused by validation (``model`` must be a registered name or ``unknown``)."""
+        self.input_rejected.labels(model, reason).inc()
+
+    def model_loaded(self, card: ModelCard, load_seconds: float) -> None:
+        """Mark a model version as loaded."""
+        self.model_info.labels(card.name, card.version, card.sha256).set(1)
+        self.model_load_seconds.labels(card.name, card.version).set(load_seconds)
+        self.model_ready.labels(card.name).set(1)
+
+    def model_failed(self, name: str) -> None:
+        """Mark a model as not serving (it failed to load)."""
+        self.model_ready.labels(name).set(0)
+
+
+class _MergedFamily:
+    """Exposes several same-named histogram objects (one per bucket layout) as one family."""
+
+    def __init__(self, families: dict[tuple[float, ...], Histogram]) -> None:
+        self.families = families
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        merged = None
+        for family in self.families.values():
+            for metric in family.collect():
+                if merged is None:
+                    merged = metric
+                else:
+                    merged.samples.extend(metric.samples)
+        if merged is not None:
+            yield merged
+
+
+class BoundModelMetrics:
+    """Pre-bound children for one (model, version, variant): the request path's recorder."""
+
+    def __init__(self, metrics: VigilMetrics, card: ModelCard, variant: str) -> None:
+        name, version = card.name, card.version
+        self.metrics = metrics
+        self.model = name
+        self.request_duration = metrics.request_duration.labels(name, version)
+        self.inference_duration = metrics.inference_duration.labels(name, version, variant)
+        self.batch_size = metrics.batch_size.labels(name, version)
+        self.predictions = metrics.predictions.labels(name, version, variant)
+        self.prediction_value = metrics.prediction_value_family(prediction_buckets(card)).labels(name, version, variant)
+        self.out_of_range = metrics.prediction_out_of_range.labels(name, version)
+        self.binary = card.task == "classification" and len(card.labels or []) == 2
+        self.classes = [
+            metrics.predicted_class.labels(name, version, variant, str(label)) for label in (card.labels or [])
+        ]
+        self._label_index = {label: i for i, label in enumerate(card.labels or [])}
+        self.regression = card.task == "regression"
+        self.range = (card.prediction_range.min, card.prediction_range.max) if card.prediction_range else None
+        self._missing = {f.name: metrics.input_missing.labels(name, f.name) for f in card.features}
+        self._input_oor = {f.name: metrics.input_out_of_range.labels(name, f.name) for f in card.features}
+        self._errors: dict[str, Any] = {}
+        self._version = version
+
+    def record_inputs(self, missing: dict[str, int], out_of_range: dict[str, int]) -> None:
+        """Count missing and out-of-reference-range input values of an accepted request."""
+        for feature, count in missing.items():
+            self._missing[feature].inc(count)
+        for feature, count in out_of_range.items():
+            self._input_oor[feature].inc(count)
+
+    def record_call(self, seconds: float, size: int) -> None:
+        """One model call: its duration and its batch size."""
+        self.inference_duration.observe(seconds)
+        self.batch_size.observe(size)
+
+    def record_predictions(self, predictions: Predictions) -> int:
+        """Count answered instances, their class or value distribution, and non-finite outputs.
+
+        Returns the number of outputs counted as out of range.
+        """
+        if predictions.values is not None:
+            values = predictions.values
+            n = len(values)
+            finite = np.isfinite(values)
+            bad = int(n - finite.sum())
+            if self.range is not None:
+                with np.errstate(invalid="ignore"):
+                    bad += int(((values < self.range[0]) | (values > self.range[1])).sum())
+            observe_many(self.prediction_value, values[finite])
+        else:
+            assert predictions.labels is not None and predictions.probabilities is not None
+            probs = predictions.probabilities
+            n = len(predictions.labels)
+            finite_rows = np.isfinite(probs).all(axis=1)
+            bad = int(n - finite_rows.sum())
+            counts = np.bincount(probs.argmax(axis=1)[finite_rows], minlength=len(self.classes))
+            for index in np.flatnonzero(counts).tolist():
+                self.classes[index].inc(int(counts[index]))
+            if self.binary:
+                observe_many(self.prediction_value, probs[finite_rows, 1])
+        self.predictions.inc(n)
+        if bad:
+            self.out_of_range.inc(bad)
+        return bad
+
+    def record_error(self, kind: str) -> None:
+        """Count an exception from the model runtime (``kind`` is the exception class name)."""
+        child = self._errors.get(kind)
+        if child is None:
+            child = self._errors[kind] = self.metrics.model_errors.labels(self.model, self._version, kind)
+        child.inc()
+
+
+class ProcessSampler:
+    """Samples this worker's memory, CPU, fds and threads into the ``vigil_process_*`` families.
+
+    BentoML's ``/metrics`` runs prometheus_client in multiprocess mode, which
+    exports no ``process_*`` metrics; this fills the gap per worker from a
+    daemon thread (reading ``/proc`` is I/O, so it stays off the request path).
+    """
+
+    def __init__(self, metrics: VigilMetrics, worker: str, interval: float = 2.0) -> None:
+        self.interval = interval
+        self.memory = metrics.process_memory.labels(worker)
+        self.cpu = metrics.process_cpu.labels(worker)
+        self.fds = metrics.process_open_fds.labels(worker)
+        self.threads = metrics.process_threads.labels(worker)
+        self._cpu_seen = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        times = os.times()
+        cpu = times.user + times.system
+        if cpu > self._cpu_seen:
+            self.cpu.inc(cpu - self._cpu_seen)
+            self._cpu_seen = cpu
+        self.memory.set(_resident_bytes())
+        self.threads.set(threading.active_count() if not _proc_available() else _proc_threads())
+        if _proc_available():
+            self.fds.set(len(os.listdir("/proc/self/fd")))
+
+    def start(self) -> None:
+        """Sample now and then every ``interval`` seconds until :meth:`stop`."""
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="vigil-process-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except OSError:
+                pass  # /proc hiccups must not kill the sampler
+
+    def stop(self) -> None:
+        """Stop the sampling thread."""
+        self._stop.set()
+
+
+def _proc_available() -> bool:
+    return os.path.isdir("/proc/self/fd")
+
+
+def _resident_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return float(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _proc_threads() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return threading.active_count()

@@ -1,0 +1,1 @@
+"""Vigil's online path: everything a prediction request touches."""

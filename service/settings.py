@@ -1,0 +1,41 @@
+"""Service settings, read once from the environment (``VIGIL_`` prefix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune without touching code.
+
+    Each field maps to an environment variable, e.g. ``registry`` to ``VIGIL_REGISTRY``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="VIGIL_", extra="ignore")
+
+    registry: Path = Path("models")
+    """Root of the model registry: ``<registry>/<name>/<version>/``."""
+
+    data_dir: Path = Path("var")
+    """Where the service keeps what it writes (prediction log, drift results, state)."""
+
+    max_instances: int = Field(1000, ge=1)
+    """Most instances accepted in one ``/predict`` request."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest request body accepted, in bytes; larger bodies get 413 before being read whole."""
+
+    max_string_length: int = Field(1024, ge=1)
+    """Longest value accepted for a string feature."""
+
+    workers: int = Field(1, ge=1)
+    """HTTP worker processes (``vigil serve --workers``)."""
+
+    metrics_enabled: bool = True
+    """Record the ``vigil_`` metric families (off only to measure their cost)."""
+
+    intra_op_threads: int = Field(1, ge=1)
+    """onnxruntime intra-op threads per worker; one per worker keeps workers from fighting for cores."""
