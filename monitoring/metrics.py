@@ -233,12 +233,11 @@ class BoundModelMetrics:
         if predictions.values is not None:
             values = predictions.values
             n = len(values)
-            finite = np.isfinite(values)
-            bad = int(n - finite.sum())
+            finite = values[np.isfinite(values)]
+            bad = n - len(finite)
             if self.range is not None:
-                with np.errstate(invalid="ignore"):
-                    bad += int(((values < self.range[0]) | (values > self.range[1])).sum())
-            observe_many(self.prediction_value, values[finite])
+                bad += int(((finite < self.range[0]) | (finite > self.range[1])).sum())
+            observe_many(self.prediction_value, finite)
         else:
             assert predictions.labels is not None and predictions.probabilities is not None
             probs = predictions.probabilities

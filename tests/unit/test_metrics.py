@@ -1,0 +1,136 @@
+"""Metric families, read back from a fresh registry after known calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from monitoring.metrics import ProcessSampler, VigilMetrics, observe_many, prediction_buckets
+from service.registry import ModelCard, Registry
+from service.runtime import Predictions
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> VigilMetrics:
+    return VigilMetrics(registry)
+
+
+@pytest.fixture(scope="module")
+def cards(example_registry: Path) -> dict[str, ModelCard]:
+    reg = Registry(example_registry)
+    return {name: reg.card(name) for name in ("cancer", "diabetes")}
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_classifier_predictions_count_classes_and_scores(metrics: VigilMetrics, registry: CollectorRegistry,
+                                                         cards: dict[str, ModelCard]) -> None:
+    bound = metrics.bind(cards["cancer"], "stable")
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [np.nan, np.nan]])
+    bad = bound.record_predictions(Predictions(labels=[0, 1, 1, 0], probabilities=probs))
+    labels = {"model": "cancer", "version": "1", "variant": "stable"}
+    assert bad == 1
+    assert value(registry, "vigil_predictions_total", **labels) == 4
+    assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "0"}) == 1
+    assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "1"}) == 2
+    assert value(registry, "vigil_prediction_value_count", **labels) == 3
+    assert value(registry, "vigil_prediction_value_sum", **labels) == pytest.approx(1.6)
+    assert value(registry, "vigil_prediction_out_of_range_total", model="cancer", version="1") == 1
+
+
+def test_regression_out_of_range_and_non_finite(metrics: VigilMetrics, registry: CollectorRegistry,
+                                                cards: dict[str, ModelCard]) -> None:
+    card = cards["diabetes"]
+    assert card.prediction_range is not None
+    lo, hi = card.prediction_range.min, card.prediction_range.max
+    bound = metrics.bind(card, "stable")
+    values = np.array([lo, (lo + hi) / 2, hi + 1000, np.inf, np.nan])
+    assert bound.record_predictions(Predictions(values=values)) == 3
+    labels = {"model": "diabetes", "version": "1", "variant": "stable"}
+    assert value(registry, "vigil_predictions_total", **labels) == 5
+    assert value(registry, "vigil_prediction_value_count", **labels) == 3
+    assert value(registry, "vigil_prediction_out_of_range_total", model="diabetes", version="1") == 3
+
+
+def test_prediction_buckets_come_from_reference_deciles(cards: dict[str, ModelCard]) -> None:
+    card = cards["diabetes"]
+    buckets = prediction_buckets(card)
+    assert card.prediction_range is not None
+    assert buckets[0] == pytest.approx(card.prediction_range.min, abs=1e-5)
+    assert buckets[-1] == pytest.approx(card.prediction_range.max, abs=1e-5)
+    assert list(buckets) == sorted(buckets) and len(buckets) >= 5
+    assert prediction_buckets(cards["cancer"])[0] == 0.0 and prediction_buckets(cards["cancer"])[-1] == 1.0
+
+
+def test_two_models_with_different_buckets_export_one_family(metrics: VigilMetrics, registry: CollectorRegistry,
+                                                             cards: dict[str, ModelCard]) -> None:
+    metrics.bind(cards["cancer"], "stable").record_predictions(
+        Predictions(labels=[1], probabilities=np.array([[0.4, 0.6]])))
+    metrics.bind(cards["diabetes"], "stable").record_predictions(Predictions(values=np.array([150.0])))
+    families = [f for f in registry.collect() if f.name == "vigil_prediction_value"]
+    assert len(families) == 1
+    models = {s.labels["model"] for s in families[0].samples}
+    assert models == {"cancer", "diabetes"}
+
+
+def test_observe_many_matches_observe() -> None:
+    one, many = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.1, 0.5, 1.0, 5.0)
+    a = Histogram("h", "h", buckets=buckets, registry=one)
+    b = Histogram("h", "h", buckets=buckets, registry=many)
+    values = np.array([0.05, 0.1, 0.3, 0.5, 0.7, 1.0, 3.0, 9.0, 9.5])
+    for v in values:
+        a.observe(float(v))
+    observe_many(b, values)
+    for le in ("0.1", "0.5", "1.0", "5.0", "+Inf"):
+        assert one.get_sample_value("h_bucket", {"le": le}) == many.get_sample_value("h_bucket", {"le": le})
+    assert one.get_sample_value("h_sum") == pytest.approx(many.get_sample_value("h_sum"))
+    assert one.get_sample_value("h_count") == many.get_sample_value("h_count") == 9
+
+
+def test_inputs_calls_errors_and_rejections(metrics: VigilMetrics, registry: CollectorRegistry,
+                                            cards: dict[str, ModelCard]) -> None:
+    bound = metrics.bind(cards["cancer"], "stable")
+    bound.record_inputs({"mean radius": 2}, {"mean radius": 1, "mean texture": 3})
+    bound.record_call(0.004, 16)
+    bound.record_error("InvalidArgument")
+    bound.record_error("InvalidArgument")
+    metrics.rejected("cancer", "invalid_input")
+    assert value(registry, "vigil_input_missing_total", model="cancer", feature="mean radius") == 2
+    assert value(registry, "vigil_input_out_of_range_total", model="cancer", feature="mean texture") == 3
+    assert value(registry, "vigil_batch_size_sum", model="cancer", version="1") == 16
+    assert value(registry, "vigil_inference_duration_seconds_count", model="cancer", version="1", variant="stable") == 1
+    assert value(registry, "vigil_model_errors_total", model="cancer", version="1", kind="InvalidArgument") == 2
+    assert value(registry, "vigil_input_rejected_total", model="cancer", reason="invalid_input") == 1
+
+
+def test_model_info_and_readiness(metrics: VigilMetrics, registry: CollectorRegistry,
+                                  cards: dict[str, ModelCard]) -> None:
+    card = cards["cancer"]
+    metrics.model_loaded(card, 0.25)
+    metrics.model_failed("broken")
+    assert value(registry, "vigil_model_info", model="cancer", version="1", sha256=card.sha256) == 1
+    assert value(registry, "vigil_model_load_seconds", model="cancer", version="1") == 0.25
+    assert value(registry, "vigil_model_ready", model="cancer") == 1
+    assert value(registry, "vigil_model_ready", model="broken") == 0
+
+
+def test_process_sampler_reports_this_process(metrics: VigilMetrics, registry: CollectorRegistry) -> None:
+    sampler = ProcessSampler(metrics, worker="3")
+    sampler.sample()
+    sum(i * i for i in range(200_000))  # burn a little CPU so the counter moves
+    sampler.sample()
+    assert value(registry, "vigil_process_resident_memory_bytes", worker="3") > 10 * 1024 * 1024
+    assert value(registry, "vigil_process_cpu_seconds_total", worker="3") > 0
+    assert value(registry, "vigil_process_open_fds", worker="3") >= 3
+    assert value(registry, "vigil_process_threads", worker="3") >= 1
