@@ -124,6 +124,15 @@ class VigilMetrics:
         self.model_ready = Gauge(
             "vigil_model_ready", "1 when the model serves, 0 when it failed to load.",
             ["model"], multiprocess_mode="livemin", registry=r)
+        self.predlog_rows = Counter(
+            "vigil_predlog_rows", "Rows written to the prediction log.", ["model"], registry=r)
+        self.predlog_dropped = Counter(
+            "vigil_predlog_dropped", "Rows not logged: buffer full or write failed.", ["model"], registry=r)
+        self.predlog_write_errors = Counter(
+            "vigil_predlog_write_errors", "Prediction log flushes that failed (disk full, permissions).",
+            ["model"], registry=r)
+        self.predlog_flush_seconds = Histogram(
+            "vigil_predlog_flush_seconds", "Time of one prediction log flush.", buckets=LATENCY_BUCKETS, registry=r)
         self.process_memory = Gauge(
             "vigil_process_resident_memory_bytes", "Resident memory of the worker process.",
             ["worker"], multiprocess_mode="livemax", registry=r)

@@ -27,6 +27,7 @@ from service.serving import ModelServer, worker_label
 from service.settings import Settings
 
 from monitoring.metrics import ProcessSampler, VigilMetrics
+from monitoring.predlog import PredictionLog
 
 log = logging.getLogger("vigil.app")
 SETTINGS = Settings()
@@ -129,9 +130,17 @@ class Vigil:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.metrics = VigilMetrics() if self.settings.metrics_enabled else None
-        self.server = ModelServer(self.settings, self.metrics)
+        settings = self.settings
+        self.metrics = VigilMetrics() if settings.metrics_enabled else None
+        self.predlog = PredictionLog(
+            settings.data_dir, worker_label(), self.metrics, flush_interval=settings.predlog_flush_seconds,
+            max_buffer_rows=settings.predlog_buffer_rows, pii_salt=settings.pii_salt,
+            sample_rate=settings.predlog_sample_rate,
+        ) if settings.predlog_enabled else None
+        self.server = ModelServer(settings, self.metrics, self.predlog)
         self.server.load_all()
+        if self.predlog is not None:
+            self.predlog.start()
         self.sampler = ProcessSampler(self.metrics, worker_label()) if self.metrics is not None else None
         if self.sampler is not None:
             self.sampler.start()
@@ -141,9 +150,12 @@ class Vigil:
         return True
 
     @bentoml.on_shutdown
-    def _stop_sampler(self) -> None:
+    def _shutdown(self) -> None:
+        """Stop sampling and write every buffered prediction log row before the worker exits."""
         if self.sampler is not None:
             self.sampler.stop()
+        if self.predlog is not None:
+            self.predlog.close()
 
     @http.post(
         "/predict",

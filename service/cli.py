@@ -40,6 +40,7 @@ def register(
     task: Optional[str] = typer.Option(None, "--task", help="classification or regression (inferred from the model when omitted)."),
     version: Optional[str] = typer.Option(None, "--version", help="Version name (default: next integer)."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="JSON/YAML with training parameters and metrics for the card."),
+    pii: list[str] = typer.Option([], "--pii", help="FEATURE=hash|drop: personal data, never logged in clear (repeatable)."),
     registry: Optional[Path] = RegistryOption,
 ) -> None:
     """Validate a model against its reference data and add it to the registry as a new version."""
@@ -55,9 +56,15 @@ def register(
             _fail(f"cannot read --metadata {metadata}: {exc}", 2)
         if not isinstance(meta, dict):
             _fail(f"--metadata {metadata} must hold a mapping", 2)
+    pii_map = {}
+    for item in pii:
+        feature, sep, treatment = item.rpartition("=")
+        if not sep or not feature:
+            _fail(f"--pii expects FEATURE=hash or FEATURE=drop, got '{item}'", 2)
+        pii_map[feature] = treatment
     try:
         card = register_model(name, model, reference, target=target, task=task,  # type: ignore[arg-type]
-                              version=version, registry=registry, metadata=meta)
+                              version=version, registry=registry, metadata=meta, pii=pii_map)
     except VigilError as exc:
         _fail(exc.message)
     out.print(f"registered [bold]{card.name}:{card.version}[/] ({card.task}, {len(card.features)} features, "

@@ -117,6 +117,11 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _task_fields(self) -> ModelCard:
+        from monitoring.predlog import RESERVED_COLUMNS
+
+        clashes = [f.name for f in self.features if f.name in RESERVED_COLUMNS]
+        if clashes:
+            raise ValueError(f"feature name(s) {clashes} are reserved for the prediction log's own columns")
         if self.task == "classification" and not self.labels:
             raise ValueError("a classification card needs 'labels'")
         if self.task == "regression" and self.prediction_range is None:
@@ -394,10 +399,13 @@ def register_model(
     version: str | None = None,
     registry: str | os.PathLike[str] | None = None,
     metadata: dict[str, Any] | None = None,
+    pii: dict[str, str] | None = None,
 ) -> ModelCard:
     """Validate a model against its reference data and write a new immutable version.
 
-    Infers the card from the ONNX signature and the reference data. Nothing is
+    Infers the card from the ONNX signature and the reference data; ``pii`` marks
+    features as personal data (``{"email": "hash"}``: hashed, or ``"drop"``: never
+    logged). Nothing is
     written unless every check passes, and the version appears atomically.
     Raises :class:`RegistryError` naming the problem otherwise.
     """
@@ -416,6 +424,13 @@ def register_model(
     session = _open_session(model_path)
     signature, order = _infer_signature(session, frame, target)
     features = _feature_specs(frame, order, signature)
+    for feature_name, treatment in (pii or {}).items():
+        spec = next((f for f in features if f.name == feature_name), None)
+        if spec is None:
+            raise RegistryError(f"--pii names '{feature_name}', which is not a feature of the model")
+        if treatment not in ("drop", "hash"):
+            raise RegistryError(f"--pii {feature_name}={treatment}: use 'drop' or 'hash'")
+        spec.pii = treatment  # type: ignore[assignment]
     task, outputs = _classify_outputs(session, task)
     signature = signature.model_copy(update=outputs)
 
@@ -468,27 +483,31 @@ def register_model(
 
     meta = dict(metadata or {})
     version = version or _next_version(reg, name)
-    card = ModelCard(
-        name=name,
-        version=version,
-        task=task,
-        features=features,
-        signature=signature,
-        labels=labels,
-        prediction_range=prediction_range,
-        prediction_quantiles=quantiles,
-        target=target,
-        training=Training(
-            dataset_fingerprint=_fingerprint(frame),
-            rows=int(meta.pop("train_rows", len(frame))),
-            parameters=meta.pop("parameters", {}),
-            metrics={k: float(v) for k, v in meta.pop("metrics", {}).items()},
-            code_revision=meta.pop("code_revision", None) or _git_revision(Path(model_file).resolve().parent),
-            created_at=datetime.now(timezone.utc),
-            **meta,
-        ),
-        sha256=sha256_file(model_path),
-    )
+    try:
+        card = ModelCard(
+            name=name,
+            version=version,
+            task=task,
+            features=features,
+            signature=signature,
+            labels=labels,
+            prediction_range=prediction_range,
+            prediction_quantiles=quantiles,
+            target=target,
+            training=Training(
+                dataset_fingerprint=_fingerprint(frame),
+                rows=int(meta.pop("train_rows", len(frame))),
+                parameters=meta.pop("parameters", {}),
+                metrics={k: float(v) for k, v in meta.pop("metrics", {}).items()},
+                code_revision=meta.pop("code_revision", None) or _git_revision(Path(model_file).resolve().parent),
+                created_at=datetime.now(timezone.utc),
+                **meta,
+            ),
+            sha256=sha256_file(model_path),
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in exc.errors())
+        raise RegistryError(f"the inferred card is invalid: {problems}") from exc
     _write_version(reg, card, model_path, reference)
     return card
 

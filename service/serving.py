@@ -21,6 +21,7 @@ from service.runtime import Batch, OnnxPredictor, Predictions, Predictor
 from service.settings import Settings
 
 from monitoring.metrics import BoundModelMetrics, VigilMetrics
+from monitoring.predlog import LoggedRequest, PredictionLog
 
 log = logging.getLogger("vigil.serving")
 
@@ -50,9 +51,11 @@ class ModelEntry:
 class ModelServer:
     """Owns the loaded models of one worker and answers prediction requests."""
 
-    def __init__(self, settings: Settings, metrics: VigilMetrics | None) -> None:
+    def __init__(self, settings: Settings, metrics: VigilMetrics | None,
+                 predlog: PredictionLog | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.predlog = predlog
         self.registry = Registry(settings.registry)
         self.models: dict[str, ModelEntry] = {}
 
@@ -160,6 +163,9 @@ class ModelServer:
         if recorder is not None:
             recorder.record_call(call_seconds, batch.size)
             recorder.record_predictions(predictions)
+        if self.predlog is not None:
+            self.predlog.append(_log_record(served, request, request_id, predictions))
+        if recorder is not None:
             recorder.request_duration.observe(time.perf_counter() - started)
         return {"request_id": request_id, "model": request.model, "predictions": items}
 
@@ -183,6 +189,20 @@ def _answer(served: ServedVersion, predictions: Predictions) -> list[dict[str, A
         {"version": version, "variant": variant, "label": label, "probabilities": dict(zip(keys, row))}
         for label, row in zip(predictions.labels, predictions.probabilities.tolist())
     ]
+
+
+def _log_record(served: ServedVersion, request: PredictRequest, request_id: str,
+                predictions: Predictions) -> LoggedRequest:
+    if predictions.values is not None:
+        prediction: list[Any] = predictions.values.tolist()
+        score = None
+    else:
+        assert predictions.labels is not None and predictions.probabilities is not None
+        prediction = predictions.labels
+        probs = predictions.probabilities
+        score = (probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1)).tolist()
+    return LoggedRequest(time=time.time(), request_id=request_id, card=served.card, variant=served.variant,
+                         instances=request.instances, prediction=prediction, score=score, reasons=None)
 
 
 def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard) -> None:

@@ -37,5 +37,20 @@ class Settings(BaseSettings):
     metrics_enabled: bool = True
     """Record the ``vigil_`` metric families (off only to measure their cost)."""
 
+    predlog_enabled: bool = True
+    """Write every answered instance to the prediction log under ``data_dir/predlog``."""
+
+    predlog_flush_seconds: float = Field(1.0, gt=0, le=60)
+    """Longest time a logged row waits in memory before it is written."""
+
+    predlog_buffer_rows: int = Field(100_000, ge=1)
+    """Rows buffered per worker before new rows are dropped (and counted) instead of blocking."""
+
+    predlog_sample_rate: float = Field(1.0, ge=0, le=1)
+    """Share of requests logged (all instances of a sampled request are logged)."""
+
+    pii_salt: str | None = None
+    """Secret salt for hashing features marked ``pii: hash``; without it they are dropped."""
+
     intra_op_threads: int = Field(1, ge=1)
     """onnxruntime intra-op threads per worker; one per worker keeps workers from fighting for cores."""

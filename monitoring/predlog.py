@@ -1,0 +1,334 @@
+"""The prediction log: every answered instance, on disk as Parquet, written off the request path.
+
+Writing: :meth:`PredictionLog.append` puts one small record per request in a
+bounded in-memory buffer (no I/O, no lock held for long, never blocks); a
+daemon thread flushes the buffer at least every ``flush_interval`` seconds.
+When the buffer is full, new rows are dropped and counted.
+
+On disk (``<data_dir>/predlog/``), Hive-partitioned so pandas, DuckDB or Spark
+read it without Vigil::
+
+    predlog/model=<name>/date=<YYYY-MM-DD>/part-<unix_ms>-w<worker>-<pid>-<seq>.parquet
+
+Each flush writes complete segment files under a temporary name and renames
+them into place, so a ``kill -9`` loses at most the rows of the last flush
+interval and never leaves a half-written file where readers look. Worker id,
+pid and sequence number in the name keep several workers from clashing.
+
+Columns: ``time`` (UTC), ``request_id``, ``index`` (instance position in its
+request), ``version``, ``variant``, ``reason`` (why the fallback answered, or
+null), ``prediction`` (label or value), ``prediction_score`` (positive-class
+score of a binary classifier, else the top probability), then one column per
+feature (PII features dropped or hashed as the card says). ``model`` and
+``date`` come from the partition path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from monitoring.metrics import VigilMetrics
+    from service.registry import ModelCard
+
+log = logging.getLogger("vigil.predlog")
+
+LOG_DIR = "predlog"
+RESERVED_COLUMNS = frozenset({"time", "request_id", "index", "model", "date", "version", "variant", "reason",
+                              "prediction", "prediction_score"})
+
+
+@dataclass(slots=True)
+class LoggedRequest:
+    """What the request path hands over: references only, expanded into rows at flush time."""
+
+    time: float
+    request_id: str
+    card: ModelCard
+    variant: str
+    instances: list[dict[str, Any]]
+    prediction: list[Any]
+    score: list[float] | None
+    reasons: list[str | None] | None
+
+
+def hash_value(value: Any, salt: str) -> str | None:
+    """Salted sha256 of a PII value (first 16 hex digits); None stays None."""
+    if value is None:
+        return None
+    return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
+
+
+class PredictionLog:
+    """Buffered, crash-safe writer of the prediction log for one worker process."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        worker: str,
+        metrics: VigilMetrics | None = None,
+        flush_interval: float = 1.0,
+        max_buffer_rows: int = 100_000,
+        pii_salt: str | None = None,
+        sample_rate: float = 1.0,
+    ) -> None:
+        self.root = Path(data_dir) / LOG_DIR
+        self.worker = worker
+        self.metrics = metrics
+        self.flush_interval = flush_interval
+        self.max_buffer_rows = max_buffer_rows
+        self.pii_salt = pii_salt
+        self.sample_rate = sample_rate
+        self._buffer: deque[LoggedRequest] = deque()
+        self._buffered_rows = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seq = 0
+        self._last_error_log = 0.0
+        self._counters: dict[str, tuple[Any, Any]] = {}
+
+    # ------------------------------------------------------------------ request path
+
+    def append(self, record: LoggedRequest) -> bool:
+        """Queue one request's rows; returns False when they were dropped (buffer full or not sampled)."""
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            return False
+        rows = len(record.instances)
+        with self._lock:
+            if self._buffered_rows + rows > self.max_buffer_rows:
+                full = True
+            else:
+                full = False
+                self._buffer.append(record)
+                self._buffered_rows += rows
+        if full:
+            self._count(record.card.name, dropped=rows)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ background flushing
+
+    def start(self) -> None:
+        """Start the background flusher (a daemon thread)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vigil-predlog", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the flusher and write what is buffered."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.flush()
+
+    def flush(self) -> int:
+        """Write every buffered row now; returns the number of rows written."""
+        with self._lock:
+            if not self._buffer:
+                return 0
+            batch = list(self._buffer)
+            self._buffer.clear()
+            self._buffered_rows = 0
+        started = time.perf_counter()
+        by_model: dict[str, list[LoggedRequest]] = {}
+        for record in batch:
+            by_model.setdefault(record.card.name, []).append(record)
+        written = 0
+        for model, records in by_model.items():
+            rows = sum(len(r.instances) for r in records)
+            try:
+                self._write(model, records)
+            except Exception as exc:  # noqa: BLE001 - disk full, permissions: never reach the request path
+                self._count(model, errors=1, dropped=rows)
+                now = time.monotonic()
+                if now - self._last_error_log > 60:
+                    self._last_error_log = now
+                    log.error("prediction log write failed for %s (%d rows dropped): %s", model, rows, exc)
+                continue
+            written += rows
+            self._count(model, written=rows)
+        if self.metrics is not None:
+            self.metrics.predlog_flush_seconds.observe(time.perf_counter() - started)
+        return written
+
+    def _count(self, model: str, written: int = 0, dropped: int = 0, errors: int = 0) -> None:
+        if self.metrics is None:
+            return
+        if written:
+            self.metrics.predlog_rows.labels(model).inc(written)
+        if dropped:
+            self.metrics.predlog_dropped.labels(model).inc(dropped)
+        if errors:
+            self.metrics.predlog_write_errors.labels(model).inc(errors)
+
+    def _write(self, model: str, records: list[LoggedRequest]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        by_day: dict[date, list[LoggedRequest]] = {}
+        for record in records:
+            day = datetime.fromtimestamp(record.time, timezone.utc).date()
+            by_day.setdefault(day, []).append(record)
+        for day, day_records in by_day.items():
+            table = pa.Table.from_pydict(self._columns(day_records))
+            directory = self.root / f"model={model}" / f"date={day.isoformat()}"
+            directory.mkdir(parents=True, exist_ok=True)
+            self._seq += 1
+            name = f"part-{int(time.time() * 1000)}-w{self.worker}-{os.getpid()}-{self._seq:06d}.parquet"
+            tmp = directory / f".{name}.tmp"
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, directory / name)
+
+    def _columns(self, records: list[LoggedRequest]) -> dict[str, Any]:
+        import pyarrow as pa
+
+        card = records[-1].card
+        n = sum(len(r.instances) for r in records)
+        times = np.empty(n, dtype="datetime64[us]")
+        request_ids: list[str] = []
+        index: list[int] = []
+        versions: list[str] = []
+        variants: list[str] = []
+        reasons: list[str | None] = []
+        predictions: list[Any] = []
+        scores: list[float | None] = []
+        pos = 0
+        for record in records:
+            k = len(record.instances)
+            times[pos:pos + k] = np.datetime64(int(record.time * 1_000_000), "us")
+            pos += k
+            request_ids.extend([record.request_id] * k)
+            index.extend(range(k))
+            versions.extend([record.card.version] * k)
+            variants.extend([record.variant] * k)
+            reasons.extend(record.reasons if record.reasons is not None else [None] * k)
+            predictions.extend(record.prediction)
+            scores.extend(record.score if record.score is not None else [None] * k)
+        columns: dict[str, Any] = {
+            "time": pa.array(times, type=pa.timestamp("us", tz="UTC")),
+            "request_id": request_ids,
+            "index": pa.array(index, type=pa.int32()),
+            "version": versions,
+            "variant": variants,
+            "reason": pa.array(reasons, type=pa.string()),
+            "prediction": predictions,
+            "prediction_score": pa.array(scores, type=pa.float64()),
+        }
+        for spec in card.features:
+            if spec.pii == "drop":
+                continue
+            values = [inst.get(spec.name) for r in records for inst in r.instances]
+            if spec.pii == "hash":
+                if not self.pii_salt:
+                    continue  # hashing without a secret salt is reversible for small domains: drop instead
+                values = [hash_value(v, self.pii_salt) for v in values]
+                columns[spec.name] = pa.array(values, type=pa.string())
+            elif spec.type == "string":
+                columns[spec.name] = pa.array(values, type=pa.string())
+            elif spec.type == "int":
+                columns[spec.name] = pa.array(values, type=pa.int64())
+            else:
+                columns[spec.name] = pa.array(values, type=pa.float64())
+        return columns
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def segment_files(data_dir: Path, model: str, since: datetime | None = None,
+                  until: datetime | None = None) -> list[Path]:
+    """Complete segment files of a model whose date partition overlaps [since, until]."""
+    base = Path(data_dir) / LOG_DIR / f"model={model}"
+    if not base.is_dir():
+        return []
+    files = []
+    for day_dir in sorted(base.glob("date=*")):
+        try:
+            day = date.fromisoformat(day_dir.name.removeprefix("date="))
+        except ValueError:
+            continue
+        if since is not None and day < since.astimezone(timezone.utc).date():
+            continue
+        if until is not None and day > until.astimezone(timezone.utc).date():
+            continue
+        files.extend(sorted(p for p in day_dir.glob("*.parquet") if not p.name.startswith(".")))
+    return files
+
+
+def read_log(
+    data_dir: Path,
+    model: str,
+    version: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Logged rows of one model (optionally one version) with ``since <= time < until``.
+
+    Unreadable segments (which the writer never leaves, but a disk can) are
+    skipped with a warning rather than failing the whole read.
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in segment_files(data_dir, model, since, until):
+        try:
+            tables.append(pq.read_table(path, columns=list(columns) if columns else None))
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("skipping unreadable prediction log segment %s: %s", path, exc)
+    if not tables:
+        return pd.DataFrame(columns=list(columns) if columns else ["time", "request_id", "index", "version"])
+    frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    mask = np.ones(len(frame), dtype=bool)
+    if version is not None and "version" in frame:
+        mask &= (frame["version"] == version).to_numpy()
+    if since is not None and "time" in frame:
+        mask &= (frame["time"] >= pd.Timestamp(since)).to_numpy()
+    if until is not None and "time" in frame:
+        mask &= (frame["time"] < pd.Timestamp(until)).to_numpy()
+    return frame.loc[mask].reset_index(drop=True)
+
+
+def prune(data_dir: Path, older_than_days: int = 30, now: datetime | None = None) -> list[Path]:
+    """Remove date partitions older than ``older_than_days``; returns the directories removed."""
+    import shutil
+
+    cutoff = (now or datetime.now(timezone.utc)).date() - timedelta(days=older_than_days)
+    removed = []
+    for day_dir in sorted((Path(data_dir) / LOG_DIR).glob("model=*/date=*")):
+        try:
+            day = date.fromisoformat(day_dir.name.removeprefix("date="))
+        except ValueError:
+            continue
+        if day < cutoff:
+            shutil.rmtree(day_dir, ignore_errors=True)
+            removed.append(day_dir)
+    return removed
+
+
+def models_logged(data_dir: Path) -> Iterable[str]:
+    """Model names that have a prediction log."""
+    root = Path(data_dir) / LOG_DIR
+    return sorted(p.name.removeprefix("model=") for p in root.glob("model=*") if p.is_dir())
