@@ -124,6 +124,38 @@ class VigilMetrics:
         self.model_ready = Gauge(
             "vigil_model_ready", "1 when the model serves, 0 when it failed to load.",
             ["model"], multiprocess_mode="livemin", registry=r)
+        self.fallback = Counter(
+            "vigil_fallback", "Instances answered by the heuristic fallback, by reason.",
+            ["model", "version", "reason"], registry=r)
+        self.breaker_open = Gauge(
+            "vigil_breaker_open", "1 while the circuit breaker of a model version is open (in any worker).",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.breaker_transitions = Counter(
+            "vigil_breaker_transitions", "Circuit breaker state changes, by the state entered.",
+            ["model", "version", "to"], registry=r)
+        # Drift verdicts are read from the drift job's latest.json by every worker: all workers
+        # agree, so 'livemax' exports one series per model version instead of one per worker.
+        self.drift_detected = Gauge(
+            "vigil_drift_detected", "1 when the latest drift run judged the dataset drifted.",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.drift_share = Gauge(
+            "vigil_drift_share", "Share of features judged drifted by the latest drift run.",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.feature_drift_score = Gauge(
+            "vigil_feature_drift_score", "Drift score of a feature in the latest drift run (stat test's own scale).",
+            ["model", "version", "feature"], multiprocess_mode="livemax", registry=r)
+        self.feature_drift_detected = Gauge(
+            "vigil_feature_drift_detected", "1 when the latest drift run judged the feature drifted.",
+            ["model", "version", "feature"], multiprocess_mode="livemax", registry=r)
+        self.prediction_drift_score = Gauge(
+            "vigil_prediction_drift_score", "Drift score of the prediction column in the latest drift run.",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.drift_rows = Gauge(
+            "vigil_drift_rows", "Logged rows in the window of the latest drift run.",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.drift_last_run = Gauge(
+            "vigil_drift_last_run_timestamp_seconds", "Unix time of the latest drift run.",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
         self.predlog_rows = Counter(
             "vigil_predlog_rows", "Rows written to the prediction log.", ["model"], registry=r)
         self.predlog_dropped = Counter(
@@ -171,6 +203,11 @@ class VigilMetrics:
         self.model_load_seconds.labels(card.name, card.version).set(load_seconds)
         self.model_ready.labels(card.name).set(1)
 
+    def breaker_changed(self, card: ModelCard, state: str) -> None:
+        """Export a breaker transition."""
+        self.breaker_open.labels(card.name, card.version).set(1 if state == "open" else 0)
+        self.breaker_transitions.labels(card.name, card.version, state).inc()
+
     def model_failed(self, name: str) -> None:
         """Mark a model as not serving (it failed to load)."""
         self.model_ready.labels(name).set(0)
@@ -215,11 +252,10 @@ class BoundModelMetrics:
             metrics.predicted_class.labels(name, version, variant, str(label)) for label in (card.labels or [])
         ]
         self._label_index = {label: i for i, label in enumerate(card.labels or [])}
-        self.regression = card.task == "regression"
-        self.range = (card.prediction_range.min, card.prediction_range.max) if card.prediction_range else None
         self._missing = {f.name: metrics.input_missing.labels(name, f.name) for f in card.features}
         self._input_oor = {f.name: metrics.input_out_of_range.labels(name, f.name) for f in card.features}
         self._errors: dict[str, Any] = {}
+        self._fallback: dict[str, Any] = {}
         self._version = version
 
     def record_inputs(self, missing: dict[str, int], out_of_range: dict[str, int]) -> None:
@@ -234,34 +270,35 @@ class BoundModelMetrics:
         self.inference_duration.observe(seconds)
         self.batch_size.observe(size)
 
-    def record_predictions(self, predictions: Predictions) -> int:
-        """Count answered instances, their class or value distribution, and non-finite outputs.
-
-        Returns the number of outputs counted as out of range.
-        """
+    def record_predictions(self, predictions: Predictions) -> None:
+        """Count answered instances and their class or value distribution (finite outputs only)."""
         if predictions.values is not None:
             values = predictions.values
             n = len(values)
-            finite = values[np.isfinite(values)]
-            bad = n - len(finite)
-            if self.range is not None:
-                bad += int(((finite < self.range[0]) | (finite > self.range[1])).sum())
-            observe_many(self.prediction_value, finite)
+            observe_many(self.prediction_value, values[np.isfinite(values)])
         else:
             assert predictions.labels is not None and predictions.probabilities is not None
             probs = predictions.probabilities
             n = len(predictions.labels)
             finite_rows = np.isfinite(probs).all(axis=1)
-            bad = int(n - finite_rows.sum())
             counts = np.bincount(probs.argmax(axis=1)[finite_rows], minlength=len(self.classes))
             for index in np.flatnonzero(counts).tolist():
                 self.classes[index].inc(int(counts[index]))
             if self.binary:
                 observe_many(self.prediction_value, probs[finite_rows, 1])
         self.predictions.inc(n)
-        if bad:
-            self.out_of_range.inc(bad)
-        return bad
+
+    def record_invalid_outputs(self, count: int) -> None:
+        """Count model outputs that were non-finite or outside the allowed range."""
+        if count:
+            self.out_of_range.inc(count)
+
+    def record_fallback(self, reason: str, count: int) -> None:
+        """Count instances answered by the fallback."""
+        child = self._fallback.get(reason)
+        if child is None:
+            child = self._fallback[reason] = self.metrics.fallback.labels(self.model, self._version, reason)
+        child.inc(count)
 
     def record_error(self, kind: str) -> None:
         """Count an exception from the model runtime (``kind`` is the exception class name)."""

@@ -220,8 +220,12 @@ class PredictionLog:
             request_ids.extend([record.request_id] * k)
             index.extend(range(k))
             versions.extend([record.card.version] * k)
-            variants.extend([record.variant] * k)
-            reasons.extend(record.reasons if record.reasons is not None else [None] * k)
+            if record.reasons is None:
+                variants.extend([record.variant] * k)
+                reasons.extend([None] * k)
+            else:
+                variants.extend("fallback" if why else record.variant for why in record.reasons)
+                reasons.extend(record.reasons)
             predictions.extend(record.prediction)
             scores.extend(record.score if record.score is not None else [None] * k)
         columns: dict[str, Any] = {

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, VigilError, error_body
 from service.inputs import PredictRequest, parse_envelope, parse_json
+from service.deploy import DeployConfig, DeployConfigError, load_deploy
 from service.serving import ModelServer, worker_label
 from service.settings import Settings
 
@@ -137,7 +138,14 @@ class Vigil:
             max_buffer_rows=settings.predlog_buffer_rows, pii_salt=settings.pii_salt,
             sample_rate=settings.predlog_sample_rate,
         ) if settings.predlog_enabled else None
-        self.server = ModelServer(settings, self.metrics, self.predlog)
+        try:
+            deploy = load_deploy(settings.deploy)
+        except DeployConfigError as exc:
+            # Refusing to start would crash-loop the workers; serve every model's newest
+            # version with default policies and say so loudly.
+            log.error("deploy config refused, serving defaults: %s", exc.message)
+            deploy = DeployConfig()
+        self.server = ModelServer(settings, self.metrics, self.predlog, deploy)
         self.server.load_all()
         if self.predlog is not None:
             self.predlog.start()
@@ -156,6 +164,7 @@ class Vigil:
             self.sampler.stop()
         if self.predlog is not None:
             self.predlog.close()
+        self.server.close()
 
     @http.post(
         "/predict",
@@ -180,7 +189,7 @@ class Vigil:
             if isinstance(payload, dict) and isinstance(payload.get("model"), str):
                 model = payload["model"]
             envelope = parse_envelope(payload, self.settings.max_instances)
-            answer = self.server.predict(envelope, request_id)
+            answer = await self.server.predict(envelope, request_id)
         except VigilError as exc:
             # Unknown models and invalid instances are counted by the server itself.
             if exc.status_code < 500 and exc.code not in ("model_not_found", "invalid_input"):

@@ -17,7 +17,7 @@ import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -95,6 +95,61 @@ class Range(BaseModel):
     max: float
 
 
+class PriorFallback(BaseModel):
+    """Classification fallback: always the majority class, with the reference class shares."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["prior"] = "prior"
+    probabilities: dict[str, float]
+    """Label (as text) -> share of the reference data."""
+
+
+class MedianFallback(BaseModel):
+    """Regression fallback: the reference median of the target."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["median"] = "median"
+    value: float
+
+
+class Rule(BaseModel):
+    """``if <feature> <op> <threshold> then <then>``."""
+
+    model_config = ConfigDict(extra="forbid")
+    feature: str
+    op: Literal["<", "<=", ">", ">=", "==", "!="]
+    threshold: float | str
+    then: Label | float
+
+
+class RulesFallback(BaseModel):
+    """A declared rule set evaluated in order; the first rule that holds answers, else ``default``."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["rules"] = "rules"
+    rules: list[Rule] = Field(min_length=1)
+    default: Label | float
+
+
+class BucketMedianFallback(BaseModel):
+    """Regression fallback: the reference median of the target per bucket of one declared feature."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["bucket_median"] = "bucket_median"
+    feature: str
+    edges: list[float] = Field(default_factory=list)
+    """Upper bounds of the buckets but the last (computed from the reference quintiles when omitted)."""
+    values: list[float] = Field(default_factory=list)
+    """Median per bucket, ``len(edges) + 1`` of them (computed at registration)."""
+    default: float | None = None
+    """Answer when the feature is null (the overall median when omitted)."""
+
+
+FallbackSpec = Annotated[
+    PriorFallback | MedianFallback | RulesFallback | BucketMedianFallback, Field(discriminator="kind")
+]
+
+
 class ModelCard(BaseModel):
     """Everything Vigil knows about one model version; stored as ``card.yaml``."""
 
@@ -111,6 +166,12 @@ class ModelCard(BaseModel):
     """Smallest and largest prediction on the reference data (regression)."""
     prediction_quantiles: list[float] = Field(default_factory=list)
     """Deciles of the reference predictions (value, or positive-class score); metric buckets come from these."""
+    output_range: Range | None = None
+    """Declared allowed range of regression outputs; when omitted, the prediction range widened by a margin."""
+    handles_missing: bool = False
+    """Whether the model gave finite outputs on reference rows with nulls (else such rows go to the fallback)."""
+    fallback: FallbackSpec | None = None
+    """The heuristic that answers when the model cannot (derived from the reference data at registration)."""
     target: str | None = None
     training: Training
     sha256: str
@@ -129,7 +190,40 @@ class ModelCard(BaseModel):
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
+        self._check_fallback(set(names))
         return self
+
+    def _check_fallback(self, names: set[str]) -> None:
+        spec = self.fallback
+        if spec is None:
+            return
+        labels = {str(label) for label in self.labels or []}
+        if isinstance(spec, (PriorFallback,)) and self.task == "classification" and set(spec.probabilities) != labels:
+            raise ValueError(f"fallback.probabilities must name exactly the labels {sorted(labels)}")
+        if isinstance(spec, (MedianFallback, BucketMedianFallback)) and self.task != "regression":
+            raise ValueError(f"fallback kind '{spec.kind}' is for regression models")
+        if isinstance(spec, PriorFallback) and self.task != "classification":
+            raise ValueError("fallback kind 'prior' is for classification models")
+        if isinstance(spec, BucketMedianFallback) and spec.feature not in names:
+            raise ValueError(f"fallback.feature '{spec.feature}' is not a feature of the model")
+        if isinstance(spec, RulesFallback):
+            for i, rule in enumerate(spec.rules):
+                if rule.feature not in names:
+                    raise ValueError(f"fallback.rules[{i}].feature '{rule.feature}' is not a feature of the model")
+                if self.task == "classification" and str(rule.then) not in labels:
+                    raise ValueError(f"fallback.rules[{i}].then '{rule.then}' is not one of the labels {sorted(labels)}")
+            if self.task == "classification" and str(spec.default) not in labels:
+                raise ValueError(f"fallback.default '{spec.default}' is not one of the labels {sorted(labels)}")
+
+    def allowed_range(self, margin: float) -> tuple[float, float] | None:
+        """Regression outputs outside this range are invalid: the declared range, else the observed one widened by ``margin`` of its span."""
+        if self.output_range is not None:
+            return self.output_range.min, self.output_range.max
+        if self.prediction_range is None:
+            return None
+        span = self.prediction_range.max - self.prediction_range.min
+        pad = margin * (span if span > 0 else max(abs(self.prediction_range.max), 1.0))
+        return self.prediction_range.min - pad, self.prediction_range.max + pad
 
     @property
     def feature_names(self) -> list[str]:
@@ -400,12 +494,16 @@ def register_model(
     registry: str | os.PathLike[str] | None = None,
     metadata: dict[str, Any] | None = None,
     pii: dict[str, str] | None = None,
+    fallback: dict[str, Any] | None = None,
+    output_range: tuple[float, float] | None = None,
 ) -> ModelCard:
     """Validate a model against its reference data and write a new immutable version.
 
     Infers the card from the ONNX signature and the reference data; ``pii`` marks
     features as personal data (``{"email": "hash"}``: hashed, or ``"drop"``: never
-    logged). Nothing is
+    logged). ``fallback`` declares the heuristic (rules or per-bucket medians)
+    instead of the derived prior/median; ``output_range`` declares the allowed
+    range of regression outputs. Nothing is
     written unless every check passes, and the version appears atomically.
     Raises :class:`RegistryError` naming the problem otherwise.
     """
@@ -441,6 +539,11 @@ def register_model(
         raise RegistryError(f"the model fails on the reference data: {str(exc).strip().splitlines()[0]}") from exc
 
     reference = frame[order + ([target] if target else [])].copy()
+    # Rows with a null are judged apart: a model may not take NaN (then those rows go to
+    # the fallback when served), but it must answer every complete row with finite values.
+    complete = ~frame[order].isna().any(axis=1).to_numpy()
+    if not complete.any():
+        raise RegistryError("every reference row has a null; the model must be checked on complete rows")
     labels: list[Label] | None = None
     prediction_range: Range | None = None
     if task == "classification":
@@ -451,11 +554,11 @@ def register_model(
         else:
             probs = np.asarray(probs_raw, dtype=np.float64).reshape(len(frame), -1)
             if signature.label_output is not None:
-                predicted = np.asarray(results[signature.label_output]).reshape(-1)
+                predicted = np.asarray(results[signature.label_output]).reshape(-1)[complete]
                 # Class order: the label of the most probable column, column by column.
                 labels = []
                 for col in range(probs.shape[1]):
-                    hits = predicted[probs.argmax(axis=1) == col]
+                    hits = predicted[probs[complete].argmax(axis=1) == col]
                     labels.append(hits[0].item() if len(hits) else None)
                 if any(lbl is None for lbl in labels):
                     if target is None:
@@ -468,18 +571,27 @@ def register_model(
         labels = [lbl.item() if hasattr(lbl, "item") else lbl for lbl in labels]
         if len(labels) != probs.shape[1]:
             raise RegistryError(f"the model gives {probs.shape[1]} probabilities per row but {len(labels)} labels were found")
-        _check_finite(probs, "predicted probabilities")
-        predicted_labels = [labels[i] for i in probs.argmax(axis=1)]
+        _check_finite(probs[complete], "predicted probabilities")
+        answered = np.isfinite(probs).all(axis=1)
+        handles_missing = bool((~complete).any() and answered.all())
+        predicted_labels = [labels[i] if ok else None for i, ok in zip(probs.argmax(axis=1), answered)]
         reference[PREDICTION_COLUMN] = predicted_labels
-        score = probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1)
+        score = np.where(answered, probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1), np.nan)
         reference[SCORE_COLUMN] = score
-        quantiles = _decile_edges(score)
+        quantiles = _decile_edges(score[answered])
     else:
         values = np.asarray(results[signature.value_output], dtype=np.float64).reshape(len(frame), -1)[:, 0]
-        _check_finite(values, "predictions")
-        prediction_range = Range(min=float(values.min()), max=float(values.max()))
+        _check_finite(values[complete], "predictions")
+        answered = np.isfinite(values)
+        handles_missing = bool((~complete).any() and answered.all())
+        values = np.where(answered, values, np.nan)
+        prediction_range = Range(min=float(values[answered].min()), max=float(values[answered].max()))
         reference[PREDICTION_COLUMN] = values
-        quantiles = _decile_edges(values)
+        quantiles = _decile_edges(values[answered])
+
+    from service.fallback import derive_fallback
+
+    fallback_spec = derive_fallback(task, labels, reference, target, declared=fallback)
 
     meta = dict(metadata or {})
     version = version or _next_version(reg, name)
@@ -493,6 +605,9 @@ def register_model(
             labels=labels,
             prediction_range=prediction_range,
             prediction_quantiles=quantiles,
+            output_range=Range(min=output_range[0], max=output_range[1]) if output_range else None,
+            handles_missing=handles_missing,
+            fallback=fallback_spec,
             target=target,
             training=Training(
                 dataset_fingerprint=_fingerprint(frame),

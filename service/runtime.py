@@ -6,6 +6,8 @@ implements the same interface, so routing never special-cases either.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -45,14 +47,62 @@ class Predictions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class ModelTimeout(Exception):
+    """The model call outlived its time budget and was cancelled."""
+
+
 class Predictor(ABC):
     """A loaded model version that turns a :class:`Batch` into :class:`Predictions`."""
 
     card: ModelCard
+    load_seconds: float = 0.0
 
     @abstractmethod
-    def predict(self, batch: Batch) -> Predictions:
-        """Predict every row of the batch in one call."""
+    def predict(self, batch: Batch, budget_seconds: float | None = None) -> Predictions:
+        """Predict every row of the batch in one call, within ``budget_seconds`` when given."""
+
+
+class Watchdog:
+    """Cancels onnxruntime runs that outlive their budget, through ``RunOptions.terminate``.
+
+    One daemon thread per process polls the runs in flight; a call pays only a
+    dict insert and delete, and a cancelled run raises inside ``session.run``
+    so the caller's thread is freed too.
+    """
+
+    def __init__(self, tick: float = 0.02) -> None:
+        self.tick = tick
+        self._runs: dict[int, tuple[float, Any]] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, run_options: Any) -> int:
+        """Register a run; returns a token for :meth:`done`."""
+        token = next(self._ids)
+        self._runs[token] = (deadline, run_options)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="vigil-watchdog", daemon=True)
+                    self._thread.start()
+        return token
+
+    def done(self, token: int) -> None:
+        """Unregister a finished run."""
+        self._runs.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.tick)
+            now = time.monotonic()
+            for token, (deadline, options) in list(self._runs.items()):
+                if now >= deadline:
+                    options.terminate = True
+                    self._runs.pop(token, None)
+
+
+WATCHDOG = Watchdog()
 
 
 class OnnxPredictor(Predictor):
@@ -63,6 +113,8 @@ class OnnxPredictor(Predictor):
 
         started = time.perf_counter()
         self.card = card
+        self._ort = ort
+        ort.set_default_logger_severity(3)  # run errors are reported by Vigil, once, with context
         options = ort.SessionOptions()
         # One intra-op thread per worker: workers already use the cores, and thread
         # pools fighting each other cost more than they give for small tabular models.
@@ -98,9 +150,22 @@ class OnnxPredictor(Predictor):
             feeds[name] = arr.reshape(-1, 1)
         return feeds
 
-    def predict(self, batch: Batch) -> Predictions:
-        """Run the whole batch through onnxruntime in one call."""
-        (raw,) = self.session.run(self._outputs, self._feeds(batch))
+    def predict(self, batch: Batch, budget_seconds: float | None = None) -> Predictions:
+        """Run the whole batch through onnxruntime in one call; :class:`ModelTimeout` past the budget."""
+        feeds = self._feeds(batch)
+        if budget_seconds is None:
+            (raw,) = self.session.run(self._outputs, feeds)
+        else:
+            options = self._ort.RunOptions()
+            token = WATCHDOG.watch(time.monotonic() + budget_seconds, options)
+            try:
+                (raw,) = self.session.run(self._outputs, feeds, options)
+            except Exception as exc:
+                if options.terminate:
+                    raise ModelTimeout(f"model call cancelled after {budget_seconds * 1000:.0f} ms") from exc
+                raise
+            finally:
+                WATCHDOG.done(token)
         if self.card.task == "regression":
             return Predictions(values=np.asarray(raw, dtype=np.float64).reshape(batch.size, -1)[:, 0])
         if self.card.signature.probability_format == "zipmap":

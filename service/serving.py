@@ -1,4 +1,4 @@
-"""The prediction path in plain Python: load models, validate, predict, record, answer.
+"""The prediction path in plain Python: load models, validate, route, predict, check, record, answer.
 
 The HTTP layer (``service/app.py``) only moves bytes in and out of
 :class:`ModelServer`; everything a request does happens here, so tests can
@@ -7,97 +7,129 @@ call it without a server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
+
+from service.deploy import DeployConfig, ModelPolicy
 from service.errors import ModelNotFound, ModelNotReady, VigilError
+from service.fallback import HeuristicPredictor
 from service.inputs import InstanceValidator, PredictRequest
 from service.registry import ModelCard, Registry
-from service.runtime import Batch, OnnxPredictor, Predictions, Predictor
+from service.routing import Breaker, ServedVersion, degraded_reason, invalid_rows, merge, state_of
+from service.runtime import Batch, ModelTimeout, OnnxPredictor, Predictions, Predictor
 from service.settings import Settings
 
-from monitoring.metrics import BoundModelMetrics, VigilMetrics
+from monitoring.metrics import VigilMetrics
 from monitoring.predlog import LoggedRequest, PredictionLog
 
 log = logging.getLogger("vigil.serving")
 
-
-@dataclass
-class ServedVersion:
-    """One loaded model version with everything its requests need, prepared once."""
-
-    card: ModelCard
-    predictor: Predictor
-    validator: InstanceValidator
-    metrics: BoundModelMetrics | None
-    variant: str = "stable"
-    loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    load_seconds: float = 0.0
+INLINE_CALL_SECONDS = 0.002
+"""Model calls typically faster than this run on the event loop: a thread hop would cost more than the call."""
 
 
 @dataclass
 class ModelEntry:
-    """A registered model: the version it serves, or why it cannot serve."""
+    """A registered model: the version it serves, or why it cannot serve at all."""
 
     name: str
+    policy: ModelPolicy = field(default_factory=ModelPolicy)
     stable: ServedVersion | None = None
     error: str | None = None
+
+
+@dataclass
+class _Outcome:
+    predictions: Predictions
+    reasons: list[str | None]
+    variant_of_row: np.ndarray  # True where the model (not the fallback) answered
 
 
 class ModelServer:
     """Owns the loaded models of one worker and answers prediction requests."""
 
     def __init__(self, settings: Settings, metrics: VigilMetrics | None,
-                 predlog: PredictionLog | None = None) -> None:
+                 predlog: PredictionLog | None = None, deploy: DeployConfig | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.predlog = predlog
+        self.deploy = deploy or DeployConfig()
         self.registry = Registry(settings.registry)
         self.models: dict[str, ModelEntry] = {}
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vigil-model")
 
     # ------------------------------------------------------------------ loading
 
     def load_all(self) -> None:
-        """Load the newest version of every registered model; a model that fails is logged and skipped."""
+        """Load every registered model's serving version; a model that fails is logged and served by its fallback."""
         for name in self.registry.names():
             self.models[name] = self._load(name)
         if not self.models:
             log.warning("no models registered in %s", self.registry.root)
 
     def _load(self, name: str) -> ModelEntry:
+        policy = self.deploy.policy(name)
         try:
-            card = self.registry.card(name)
-            model_path = self.registry.verify(card)
-            predictor = OnnxPredictor(card, model_path, self.settings.intra_op_threads)
+            card = self.registry.card(name, policy.stable)
             validator = InstanceValidator(card, self.settings.max_string_length)
-            # One warm-up call so the first client does not pay for lazy initialisation.
-            _warm_up(predictor, validator, card)
-        except Exception as exc:  # noqa: BLE001 - any failure means "this model does not serve"
-            reason = exc.message if isinstance(exc, VigilError) else f"{type(exc).__name__}: {exc}"
-            log.error("model '%s' is not served: %s", name, reason)
+            fallback = HeuristicPredictor(card)
+        except Exception as exc:  # noqa: BLE001 - no card, no fallback: the model cannot answer at all
+            reason = _why(exc)
+            log.error("model '%s' cannot be served: %s", name, reason)
             if self.metrics is not None:
                 self.metrics.model_failed(name)
-            return ModelEntry(name=name, error=reason)
-        bound = self.metrics.bind(card, "stable") if self.metrics is not None else None
+            return ModelEntry(name=name, policy=policy, error=reason)
+        served = ServedVersion(card=card, validator=validator, fallback=fallback, predictor=None,
+                               breaker=self._breaker(card, policy))
+        if self.metrics is not None:
+            served.metrics = self.metrics.bind(card, "stable")
+            served.fallback_metrics = self.metrics.bind(card, "fallback")
+        try:
+            model_path = self.registry.verify(card)
+            predictor = OnnxPredictor(card, model_path, self.settings.intra_op_threads)
+            _warm_up(predictor, validator, card, policy.timeout_ms / 1000)
+        except Exception as exc:  # noqa: BLE001 - the fallback answers instead
+            served.load_error = _why(exc)
+            log.error("model %s:%s failed to load, its fallback answers: %s", name, card.version, served.load_error)
+            if self.metrics is not None:
+                self.metrics.model_failed(name)
+            return ModelEntry(name=name, policy=policy, stable=served)
+        served.predictor = predictor
+        served.load_seconds = predictor.load_seconds
         if self.metrics is not None:
             self.metrics.model_loaded(card, predictor.load_seconds)
         log.info("model %s:%s loaded in %.3fs", card.name, card.version, predictor.load_seconds)
-        served = ServedVersion(card=card, predictor=predictor, validator=validator, metrics=bound,
-                               load_seconds=predictor.load_seconds)
-        return ModelEntry(name=name, stable=served)
+        return ModelEntry(name=name, policy=policy, stable=served)
+
+    def _breaker(self, card: ModelCard, policy: ModelPolicy) -> Breaker:
+        def on_transition(state: str) -> None:
+            log.warning("breaker of %s:%s is now %s", card.name, card.version, state)
+            if self.metrics is not None:
+                self.metrics.breaker_changed(card, state)
+
+        return Breaker(policy.breaker, on_transition)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ readiness and listing
 
     def not_ready(self) -> dict[str, str]:
-        """Models that are registered but cannot serve, with the reason."""
-        return {name: entry.error or "not loaded" for name, entry in self.models.items() if entry.stable is None}
+        """Models whose own model does not serve (fallback or nothing answers), with the reason."""
+        out = {}
+        for name, entry in self.models.items():
+            if entry.stable is None:
+                out[name] = entry.error or "not loaded"
+            elif entry.stable.predictor is None:
+                out[name] = entry.stable.load_error or "not loaded"
+        return out
 
     def describe(self) -> list[dict[str, Any]]:
-        """What ``GET /models`` shows: every registered model and the version it serves."""
+        """What ``GET /models`` shows: every registered model, the version it serves and its state."""
         out = []
         for name, entry in sorted(self.models.items()):
             if entry.stable is None:
@@ -109,13 +141,17 @@ class ModelServer:
                 "name": name,
                 "version": card.version,
                 "variant": served.variant,
-                "state": "serving",
+                "state": state_of(served, entry.policy),
                 "task": card.task,
                 "features": [f.model_dump(exclude_none=True) for f in card.features],
                 "sha256": card.sha256,
                 "loaded_at": served.loaded_at.isoformat(),
                 "load_seconds": round(served.load_seconds, 4),
+                "fallback": card.fallback.kind if card.fallback is not None else None,
+                "drift_detected": served.drift_detected,
             }
+            if served.load_error:
+                item["error"] = served.load_error
             if card.labels is not None:
                 item["labels"] = card.labels
             if card.prediction_range is not None:
@@ -125,20 +161,20 @@ class ModelServer:
 
     # ------------------------------------------------------------------ predicting
 
-    def served(self, name: str) -> ServedVersion:
-        """The version answering for ``name``; 404 when unknown, 503 when it failed to load."""
+    def route(self, name: str) -> tuple[ModelEntry, ServedVersion]:
+        """The entry and version answering for ``name``; 404 when unknown, 503 when nothing can answer."""
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"no model named '{name}'; registered: {', '.join(sorted(self.models)) or 'none'}")
         if entry.stable is None:
             raise ModelNotReady(f"model '{name}' is not ready: {entry.error}")
-        return entry.stable
+        return entry, entry.stable
 
-    def predict(self, request: PredictRequest, request_id: str) -> dict[str, Any]:
-        """Validate, predict and record one request; returns the response body."""
+    async def predict(self, request: PredictRequest, request_id: str) -> dict[str, Any]:
+        """Validate, route, predict, check and record one request; returns the response body."""
         started = time.perf_counter()
         try:
-            served = self.served(request.model)
+            entry, served = self.route(request.model)
         except ModelNotFound:
             self._reject("unknown", "unknown_model")
             raise
@@ -147,27 +183,112 @@ class ModelServer:
         except VigilError:
             self._reject(request.model, "invalid_input")
             raise
-        recorder = served.metrics
-        if recorder is not None:
-            recorder.record_inputs(quality.missing, quality.out_of_range)
-        call_started = time.perf_counter()
-        try:
-            predictions = served.predictor.predict(batch)
-        except Exception as exc:
-            if recorder is not None:
-                recorder.record_error(type(exc).__name__)
-            log.exception("model %s:%s failed", served.card.name, served.card.version)
-            raise ModelNotReady(f"model '{request.model}' failed to predict: {type(exc).__name__}") from exc
-        call_seconds = time.perf_counter() - call_started
-        items = _answer(served, predictions)
-        if recorder is not None:
-            recorder.record_call(call_seconds, batch.size)
-            recorder.record_predictions(predictions)
+        if served.metrics is not None:
+            served.metrics.record_inputs(quality.missing, quality.out_of_range)
+        outcome = await self._answer(entry, served, batch)
+        items = _items(served, outcome)
         if self.predlog is not None:
-            self.predlog.append(_log_record(served, request, request_id, predictions))
-        if recorder is not None:
-            recorder.request_duration.observe(time.perf_counter() - started)
+            self.predlog.append(_log_record(served, request, request_id, outcome))
+        if served.metrics is not None:
+            served.metrics.request_duration.observe(time.perf_counter() - started)
         return {"request_id": request_id, "model": request.model, "predictions": items}
+
+    async def _answer(self, entry: ModelEntry, served: ServedVersion, batch: Batch) -> _Outcome:
+        n = batch.size
+        everything = np.arange(n)
+        reason = degraded_reason(served, entry.policy)
+        if reason is not None:
+            return self._fallback_outcome(served, batch, everything, reason, n)
+        # Rows with a null go to the fallback when the model cannot take NaN.
+        to_fallback: dict[str, np.ndarray] = {}
+        model_rows = everything
+        if batch.has_nulls and not served.card.handles_missing:
+            nulls = _null_rows(batch)
+            to_fallback["missing_input"] = everything[nulls]
+            model_rows = everything[~nulls]
+        parts: list[tuple[np.ndarray, Predictions]] = []
+        if len(model_rows):
+            sub = batch if len(model_rows) == n else _take(batch, model_rows)
+            predictions, failure = await self._call(served, entry.policy, sub)
+            if failure is not None:
+                to_fallback[failure] = model_rows
+                served.breaker.record(False)
+            else:
+                assert predictions is not None
+                bad = invalid_rows(served.card, predictions, entry.policy.output_range_margin)
+                served.breaker.record(not bad.any())
+                if served.metrics is not None:
+                    served.metrics.record_invalid_outputs(int(bad.sum()))
+                if bad.any():
+                    to_fallback["invalid_output"] = model_rows[bad]
+                    keep = ~bad
+                    predictions = _subset(predictions, keep)
+                    model_rows = model_rows[keep]
+                if len(model_rows):
+                    parts.append((model_rows, predictions))
+                    if served.metrics is not None:
+                        served.metrics.record_predictions(predictions)
+        reasons: list[str | None] = [None] * n
+        answered_by_model = np.zeros(n, dtype=bool)
+        for rows, _ in parts:
+            answered_by_model[rows] = True
+        for why, rows in to_fallback.items():
+            if len(rows) == 0:
+                continue
+            sub = _take(batch, rows)
+            fallback_predictions = self._call_fallback(served, sub, why)
+            parts.append((rows, fallback_predictions))
+            for i in rows.tolist():
+                reasons[i] = why
+        return _Outcome(merge(n, parts), reasons, answered_by_model)
+
+    async def _call(self, served: ServedVersion, policy: ModelPolicy,
+                    batch: Batch) -> tuple[Predictions | None, str | None]:
+        """Call the model within its time budget; returns (predictions, None) or (None, failure reason)."""
+        assert served.predictor is not None
+        budget = policy.timeout_ms / 1000
+        started = time.perf_counter()
+        try:
+            if served.call_seconds_ewma < INLINE_CALL_SECONDS:
+                predictions = served.predictor.predict(batch, budget)
+            else:
+                # A slow model runs on a thread so the worker keeps answering health checks
+                # and other models meanwhile; the watchdog still cancels it at the budget.
+                loop = asyncio.get_running_loop()
+                predictions = await loop.run_in_executor(self._executor, served.predictor.predict, batch, budget)
+        except ModelTimeout:
+            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size)
+            return None, "timeout"
+        except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
+            self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size)
+            log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
+                        type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            return None, "model_error"
+        seconds = time.perf_counter() - started
+        served.note_call(seconds)
+        if served.metrics is not None:
+            served.metrics.record_call(seconds, batch.size)
+        return predictions, None
+
+    def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int) -> None:
+        served.note_call(seconds)
+        if served.metrics is not None:
+            served.metrics.record_error(kind)
+            served.metrics.record_call(seconds, size)
+
+    def _call_fallback(self, served: ServedVersion, batch: Batch, reason: str) -> Predictions:
+        started = time.perf_counter()
+        predictions = served.fallback.predict(batch)
+        if served.fallback_metrics is not None:
+            served.fallback_metrics.record_call(time.perf_counter() - started, batch.size)
+            served.fallback_metrics.record_predictions(predictions)
+            served.fallback_metrics.record_fallback(reason, batch.size)
+        return predictions
+
+    def _fallback_outcome(self, served: ServedVersion, batch: Batch, rows: np.ndarray, reason: str,
+                          n: int) -> _Outcome:
+        predictions = self._call_fallback(served, batch, reason)
+        return _Outcome(predictions, [reason] * n, np.zeros(n, dtype=bool))
 
     def _reject(self, model: str, reason: str) -> None:
         if self.metrics is not None:
@@ -178,21 +299,66 @@ class ModelServer:
         known = model if model is not None and model in self.models else "unknown"
         self._reject(known, reason)
 
+    def close(self) -> None:
+        """Release the model-call threads."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
-def _answer(served: ServedVersion, predictions: Predictions) -> list[dict[str, Any]]:
-    version, variant = served.card.version, served.variant
+
+def _why(exc: Exception) -> str:
+    return exc.message if isinstance(exc, VigilError) else f"{type(exc).__name__}: {exc}"
+
+
+def _null_rows(batch: Batch) -> np.ndarray:
+    if batch.matrix is not None:
+        return np.isnan(batch.matrix).any(axis=1)
+    assert batch.columns is not None
+    nulls = np.zeros(batch.size, dtype=bool)
+    for values in batch.columns.values():
+        nulls |= np.fromiter((v is None for v in values), dtype=bool, count=batch.size)
+    return nulls
+
+
+def _take(batch: Batch, rows: np.ndarray) -> Batch:
+    if batch.matrix is not None:
+        sub = batch.matrix[rows]
+        return Batch(size=len(rows), matrix=sub, has_nulls=bool(np.isnan(sub).any()))
+    assert batch.columns is not None
+    picked = rows.tolist()
+    columns = {name: [values[i] for i in picked] for name, values in batch.columns.items()}
+    return Batch(size=len(rows), columns=columns,
+                 has_nulls=any(v is None for values in columns.values() for v in values))
+
+
+def _subset(predictions: Predictions, keep: np.ndarray) -> Predictions:
     if predictions.values is not None:
-        return [{"version": version, "variant": variant, "value": v} for v in predictions.values.tolist()]
+        return Predictions(values=predictions.values[keep])
     assert predictions.labels is not None and predictions.probabilities is not None
-    keys = [str(label) for label in served.card.labels or []]
-    return [
-        {"version": version, "variant": variant, "label": label, "probabilities": dict(zip(keys, row))}
-        for label, row in zip(predictions.labels, predictions.probabilities.tolist())
-    ]
+    return Predictions(labels=[label for label, k in zip(predictions.labels, keep.tolist()) if k],
+                       probabilities=predictions.probabilities[keep])
 
 
-def _log_record(served: ServedVersion, request: PredictRequest, request_id: str,
-                predictions: Predictions) -> LoggedRequest:
+def _items(served: ServedVersion, outcome: _Outcome) -> list[dict[str, Any]]:
+    version, variant = served.card.version, served.variant
+    predictions = outcome.predictions
+    items: list[dict[str, Any]]
+    if predictions.values is not None:
+        items = [{"version": version, "variant": variant, "value": v} for v in predictions.values.tolist()]
+    else:
+        assert predictions.labels is not None and predictions.probabilities is not None
+        keys = [str(label) for label in served.card.labels or []]
+        items = [
+            {"version": version, "variant": variant, "label": label, "probabilities": dict(zip(keys, row))}
+            for label, row in zip(predictions.labels, predictions.probabilities.tolist())
+        ]
+    for item, reason in zip(items, outcome.reasons):
+        if reason is not None:
+            item["variant"] = "fallback"
+            item["reason"] = reason
+    return items
+
+
+def _log_record(served: ServedVersion, request: PredictRequest, request_id: str, outcome: _Outcome) -> LoggedRequest:
+    predictions = outcome.predictions
     if predictions.values is not None:
         prediction: list[Any] = predictions.values.tolist()
         score = None
@@ -201,11 +367,14 @@ def _log_record(served: ServedVersion, request: PredictRequest, request_id: str,
         prediction = predictions.labels
         probs = predictions.probabilities
         score = (probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1)).tolist()
+    has_fallback = any(r is not None for r in outcome.reasons)
     return LoggedRequest(time=time.time(), request_id=request_id, card=served.card, variant=served.variant,
-                         instances=request.instances, prediction=prediction, score=score, reasons=None)
+                         instances=request.instances, prediction=prediction, score=score,
+                         reasons=outcome.reasons if has_fallback else None)
 
 
-def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard) -> None:
+def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard, budget_seconds: float) -> None:
+    """One call so the first client does not pay for lazy initialisation."""
     row: dict[str, Any] = {}
     for spec in card.features:
         if spec.type == "string":
@@ -216,7 +385,11 @@ def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard
         else:
             row[spec.name] = 0 if spec.type == "int" else 0.0
     batch, _ = validator.validate([row])
-    predictor.predict(batch)
+    try:
+        predictor.predict(batch, budget_seconds)
+    except Exception as exc:  # noqa: BLE001 - a model that fails on some inputs still loaded
+        log.warning("warm-up call of %s:%s failed (%s); the model stays loaded", card.name, card.version,
+                    type(exc).__name__)
 
 
 def worker_label() -> str:
@@ -231,4 +404,4 @@ def worker_label() -> str:
     return os.environ.get("VIGIL_WORKER_INDEX", "0")
 
 
-__all__ = ["Batch", "ModelEntry", "ModelServer", "ServedVersion", "worker_label"]
+__all__ = ["ModelEntry", "ModelServer", "ServedVersion", "worker_label"]

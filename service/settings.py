@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     registry: Path = Path("models")
     """Root of the model registry: ``<registry>/<name>/<version>/``."""
 
+    deploy: Path = Path("deploy.yaml")
+    """The deploy config: stable/canary versions and policies per model (optional file)."""
+
     data_dir: Path = Path("var")
     """Where the service keeps what it writes (prediction log, drift results, state)."""
 

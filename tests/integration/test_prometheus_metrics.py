@@ -91,8 +91,11 @@ def traffic(stack: tuple[VigilServer, PrometheusServer], registry: Path) -> dict
     predict("cancer", [{}], status=422)
     predict("nope", [{"a": 1}], status=404)
     assert server.post("/predict", content=b"{", headers={"content-type": "application/json"}).status_code == 400
-    # A model error: the lookup table has 10 entries.
-    assert server.post("/predict", json={"model": "lookup", "instances": [{"idx": 42.0, "x": 0.0}]}).status_code == 503
+    # A model error (the lookup table has 10 entries): the fallback answers, with the reason.
+    failed = server.post("/predict", json={"model": "lookup", "instances": [{"idx": 42.0, "x": 0.0}]})
+    assert failed.status_code == 200, failed.text
+    assert failed.json()["predictions"][0]["variant"] == "fallback"
+    assert failed.json()["predictions"][0]["reason"] == "model_error"
     prom.wait_for_scrape_after(time.time() + 0.5)
     return sent
 
@@ -137,6 +140,9 @@ def test_input_quality_and_rejections(stack: tuple[VigilServer, PrometheusServer
 def test_model_errors_info_and_load(stack: tuple[VigilServer, PrometheusServer], traffic: dict[str, Any]) -> None:
     _, prom = stack
     assert prom.value('sum(vigil_model_errors_total{model="lookup",version="1"})') == 1
+    assert prom.value('sum(vigil_fallback_total{model="lookup",version="1",reason="model_error"})') == 1
+    assert prom.value('sum(vigil_predictions_total{model="lookup",variant="fallback"})') == 1
+    assert prom.value('sum(vigil_predictions_total{model="lookup",variant="stable"})') == 1
     info = prom.query("vigil_model_info")
     assert {r["metric"]["model"] for r in info} == {"cancer", "cancer_gaps", "diabetes", "lookup"}
     assert all(float(r["value"][1]) == 1 for r in info)  # one series per version, not one per worker

@@ -88,13 +88,14 @@ def test_unknown_model_is_404(server: VigilServer) -> None:
     assert "nope" in error["message"] and "cancer" in error["message"]
 
 
-def test_model_that_failed_to_load_is_503_and_others_serve(server: VigilServer, registry_with_broken: Path) -> None:
-    error = assert_error(
-        server.post("/predict", json={"model": "broken", "instances": reference_rows(registry_with_broken, "cancer", 1)}),
-        503, "model_not_ready")
-    assert "sha256" in error["message"]
+def test_model_that_failed_to_load_answers_from_its_fallback(server: VigilServer, registry_with_broken: Path) -> None:
+    response = server.post("/predict", json={"model": "broken", "instances": reference_rows(registry_with_broken, "cancer", 2)})
+    assert response.status_code == 200, response.text
+    for item in response.json()["predictions"]:
+        assert item["variant"] == "fallback" and item["reason"] == "load_failed"
+        assert item["label"] == 1  # the majority class of the reference data
     listed = {m["name"]: m for m in server.get("/models").json()["models"]}
-    assert listed["broken"]["state"] == "not_ready" and "sha256" in listed["broken"]["error"]
+    assert listed["broken"]["state"] == "load_failed" and "sha256" in listed["broken"]["error"]
     assert listed["cancer"]["state"] == "serving"
 
 

@@ -37,9 +37,9 @@ def test_classifier_predictions_count_classes_and_scores(metrics: VigilMetrics, 
                                                          cards: dict[str, ModelCard]) -> None:
     bound = metrics.bind(cards["cancer"], "stable")
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [np.nan, np.nan]])
-    bad = bound.record_predictions(Predictions(labels=[0, 1, 1, 0], probabilities=probs))
+    bound.record_predictions(Predictions(labels=[0, 1, 1, 0], probabilities=probs))
+    bound.record_invalid_outputs(1)
     labels = {"model": "cancer", "version": "1", "variant": "stable"}
-    assert bad == 1
     assert value(registry, "vigil_predictions_total", **labels) == 4
     assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "0"}) == 1
     assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "1"}) == 2
@@ -48,18 +48,21 @@ def test_classifier_predictions_count_classes_and_scores(metrics: VigilMetrics, 
     assert value(registry, "vigil_prediction_out_of_range_total", model="cancer", version="1") == 1
 
 
-def test_regression_out_of_range_and_non_finite(metrics: VigilMetrics, registry: CollectorRegistry,
-                                                cards: dict[str, ModelCard]) -> None:
+def test_regression_values_and_fallbacks(metrics: VigilMetrics, registry: CollectorRegistry,
+                                        cards: dict[str, ModelCard]) -> None:
     card = cards["diabetes"]
     assert card.prediction_range is not None
     lo, hi = card.prediction_range.min, card.prediction_range.max
     bound = metrics.bind(card, "stable")
-    values = np.array([lo, (lo + hi) / 2, hi + 1000, np.inf, np.nan])
-    assert bound.record_predictions(Predictions(values=values)) == 3
+    bound.record_predictions(Predictions(values=np.array([lo, (lo + hi) / 2, hi + 1000, np.inf, np.nan])))
+    bound.record_invalid_outputs(3)
+    bound.record_fallback("invalid_output", 3)
+    bound.record_fallback("invalid_output", 1)
     labels = {"model": "diabetes", "version": "1", "variant": "stable"}
     assert value(registry, "vigil_predictions_total", **labels) == 5
     assert value(registry, "vigil_prediction_value_count", **labels) == 3
     assert value(registry, "vigil_prediction_out_of_range_total", model="diabetes", version="1") == 3
+    assert value(registry, "vigil_fallback_total", model="diabetes", version="1", reason="invalid_output") == 4
 
 
 def test_prediction_buckets_come_from_reference_deciles(cards: dict[str, ModelCard]) -> None:

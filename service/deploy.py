@@ -1,0 +1,169 @@
+"""The deploy config (``deploy.yaml``): which version of each model serves, and its policies.
+
+Validated at the edge with errors that name the key::
+
+    models:
+      cancer:
+        stable: "3"
+        canary: {version: "4", traffic: 0.1, sticky: true, rollback_when: {...}}
+        on_drift: alert        # or fallback
+        timeout_ms: 1000
+
+A model missing from the file serves its newest registered version as stable
+with the default policies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import VigilError
+
+
+class DeployConfigError(VigilError):
+    """The deploy config cannot be used; the message names the file and the key."""
+
+    status_code = 400
+    code = "invalid_deploy_config"
+
+
+class RollbackRules(BaseModel):
+    """When the canary is worse than stable over the same window, roll it back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_requests: int = Field(200, ge=1)
+    error_rate_increase: float = Field(0.02, ge=0, le=1)
+    p95_latency_ratio: float = Field(1.5, gt=1)
+    fallback_rate_increase: float = Field(0.05, ge=0, le=1)
+    prediction_shift: float = Field(0.2, gt=0)
+    """Largest allowed distance between canary and stable prediction distributions (PSI)."""
+
+
+class CanaryConfig(BaseModel):
+    """A candidate version receiving a share of the traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(min_length=1)
+    traffic: float = Field(0.1, ge=0, le=1)
+    sticky: bool = True
+    rollback_when: RollbackRules = Field(default_factory=RollbackRules)
+
+
+class BreakerConfig(BaseModel):
+    """Circuit breaker: open when errors + invalid outputs exceed ``error_rate`` over the last ``window`` calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate: float = Field(0.2, gt=0, le=1)
+    window: int = Field(100, ge=1)
+    min_calls: int = Field(20, ge=1)
+    cooldown_seconds: float = Field(30.0, gt=0)
+    probes: int = Field(5, ge=1)
+    """Successful half-open probe calls needed to close the breaker again."""
+
+    @model_validator(mode="after")
+    def _min_le_window(self) -> BreakerConfig:
+        if self.min_calls > self.window:
+            raise ValueError(f"min_calls ({self.min_calls}) cannot exceed window ({self.window})")
+        return self
+
+
+class ModelPolicy(BaseModel):
+    """Everything the deploy config says about one model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stable: str | None = None
+    """Version serving by default (the newest registered when omitted)."""
+    canary: CanaryConfig | None = None
+    on_drift: Literal["alert", "fallback"] = "alert"
+    on_quality_degraded: Literal["alert", "fallback"] = "alert"
+    timeout_ms: int = Field(1000, ge=1, le=600_000)
+    output_range_margin: float = Field(0.25, ge=0)
+    """Regression outputs beyond the reference range widened by this share of its span are invalid."""
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+
+    @model_validator(mode="after")
+    def _canary_differs(self) -> ModelPolicy:
+        if self.canary is not None and self.stable is not None and self.canary.version == self.stable:
+            raise ValueError(f"canary.version '{self.canary.version}' is the stable version")
+        return self
+
+
+class DeployConfig(BaseModel):
+    """The whole file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, ModelPolicy] = Field(default_factory=dict)
+
+    def policy(self, model: str) -> ModelPolicy:
+        """The policy of a model (defaults when the file does not name it)."""
+        return self.models.get(model) or ModelPolicy()
+
+
+def deploy_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The deploy config: the argument, else ``VIGIL_DEPLOY``, else ``./deploy.yaml``."""
+    return Path(path) if path is not None else Path(os.environ.get("VIGIL_DEPLOY", "deploy.yaml"))
+
+
+def parse_deploy(text: str, source: str = "deploy.yaml") -> DeployConfig:
+    """Parse and validate deploy YAML; :class:`DeployConfigError` names the key and why."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DeployConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DeployConfigError(f"{source}: expected a mapping with a 'models' key, got {type(raw).__name__}")
+    try:
+        return DeployConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            key = ".".join(str(p) for p in err["loc"] if p not in ("function-after",)) or "(top level)"
+            problems.append(f"{key}: {err['msg']}")
+        raise DeployConfigError(f"{source}: " + "; ".join(problems), [{"field": p.split(":")[0], "problem": p}
+                                                                      for p in problems]) from None
+
+
+def load_deploy(path: str | os.PathLike[str] | None = None) -> DeployConfig:
+    """Read the deploy config; a missing file means defaults for every model."""
+    file = deploy_path(path)
+    if not file.exists():
+        return DeployConfig()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise DeployConfigError(f"cannot read {file}: {exc}") from exc
+    return parse_deploy(text, str(file))
+
+
+def check_versions(config: DeployConfig, versions: dict[str, list[str]]) -> None:
+    """Refuse a config naming versions that are not registered (``versions``: model -> versions)."""
+    problems: list[str] = []
+    for name, policy in config.models.items():
+        known = versions.get(name)
+        if known is None:
+            problems.append(f"models.{name}: no model '{name}' is registered")
+            continue
+        if policy.stable is not None and policy.stable not in known:
+            problems.append(f"models.{name}.stable: version '{policy.stable}' is not registered (have {', '.join(known)})")
+        if policy.canary is not None and policy.canary.version not in known:
+            problems.append(f"models.{name}.canary.version: version '{policy.canary.version}' is not registered "
+                            f"(have {', '.join(known)})")
+    if problems:
+        raise DeployConfigError("; ".join(problems), [{"field": p.split(":")[0], "problem": p} for p in problems])
+
+
+def dump_deploy(config: DeployConfig) -> dict[str, Any]:
+    """The config as plain data, without defaults, for writing back to YAML."""
+    return config.model_dump(mode="json", exclude_defaults=True)

@@ -1,0 +1,180 @@
+"""Who answers a request: the model version the deploy config names, or its fallback.
+
+Per model version (state shared by all of a worker's requests): a circuit
+breaker over its recent calls, the latest drift verdict, and the checks that
+send single instances to the fallback (missing input, invalid output).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from service.deploy import BreakerConfig, ModelPolicy
+from service.inputs import InstanceValidator
+from service.registry import ModelCard
+from service.runtime import Predictions, Predictor
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class Breaker:
+    """A circuit breaker over the last ``window`` calls of one model version.
+
+    Closed: every call goes to the model; when the share of bad calls (errors,
+    timeouts, invalid outputs) exceeds ``error_rate`` with at least
+    ``min_calls`` seen, it opens. Open: nothing goes to the model for
+    ``cooldown_seconds``. Half-open: calls go to the model as probes; ``probes``
+    good ones close it, one bad one reopens it.
+    """
+
+    def __init__(self, config: BreakerConfig, on_transition: Callable[[BreakerState], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.state: BreakerState = "closed"
+        self._outcomes: deque[bool] = deque(maxlen=config.window)
+        self._bad = 0
+        self._opened_at = 0.0
+        self._probe_successes = 0
+        self._on_transition = on_transition
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """Whether the next call may go to the model."""
+        if self.state == "closed":
+            return True
+        with self._lock:
+            if self.state == "open" and self._clock() - self._opened_at >= self.config.cooldown_seconds:
+                self._move("half_open")
+                self._probe_successes = 0
+            return self.state != "open"
+
+    def record(self, ok: bool) -> None:
+        """Record the outcome of one model call."""
+        with self._lock:
+            if self.state == "half_open":
+                if not ok:
+                    self._open()
+                    return
+                self._probe_successes += 1
+                if self._probe_successes >= self.config.probes:
+                    self._outcomes.clear()
+                    self._bad = 0
+                    self._move("closed")
+                return
+            if self.state == "open":
+                return  # a call that started before the breaker opened
+            if len(self._outcomes) == self._outcomes.maxlen and not self._outcomes[0]:
+                self._bad -= 1
+            self._outcomes.append(ok)
+            if not ok:
+                self._bad += 1
+            seen = len(self._outcomes)
+            if seen >= self.config.min_calls and self._bad / seen > self.config.error_rate:
+                self._open()
+
+    @property
+    def bad_rate(self) -> float:
+        """Share of bad calls in the current window."""
+        return self._bad / len(self._outcomes) if self._outcomes else 0.0
+
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._move("open")
+
+    def _move(self, state: BreakerState) -> None:
+        if state != self.state:
+            self.state = state
+            if self._on_transition is not None:
+                self._on_transition(state)
+
+
+@dataclass
+class ServedVersion:
+    """One model version as served: its model (if it loaded), its fallback, and its health state."""
+
+    card: ModelCard
+    validator: InstanceValidator
+    fallback: Predictor
+    predictor: Predictor | None
+    breaker: Breaker
+    variant: str = "stable"
+    load_error: str | None = None
+    metrics: Any = None
+    fallback_metrics: Any = None
+    drift_detected: bool = False
+    quality_degraded: bool = False
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    load_seconds: float = 0.0
+    call_seconds_ewma: float = 0.0
+
+    def note_call(self, seconds: float) -> None:
+        """Track typical call time (decides whether calls run inline or on a thread)."""
+        self.call_seconds_ewma = seconds if self.call_seconds_ewma == 0 else 0.9 * self.call_seconds_ewma + 0.1 * seconds
+
+
+def degraded_reason(served: ServedVersion, policy: ModelPolicy) -> str | None:
+    """Why the whole request goes to the fallback, or None when the model may answer."""
+    if served.predictor is None:
+        return "load_failed"
+    if policy.on_drift == "fallback" and served.drift_detected:
+        return "drift"
+    if policy.on_quality_degraded == "fallback" and served.quality_degraded:
+        return "quality"
+    if not served.breaker.allow():
+        return "breaker_open"
+    return None
+
+
+def state_of(served: ServedVersion, policy: ModelPolicy) -> str:
+    """What ``GET /models`` shows for a version."""
+    if served.predictor is None:
+        return "load_failed"
+    if served.breaker.state != "closed":
+        return "breaker_open" if served.breaker.state == "open" else "breaker_half_open"
+    if served.drift_detected:
+        return "degraded_by_drift" if policy.on_drift == "fallback" else "serving"
+    if served.quality_degraded and policy.on_quality_degraded == "fallback":
+        return "degraded_by_quality"
+    return "serving"
+
+
+def invalid_rows(card: ModelCard, predictions: Predictions, margin: float) -> np.ndarray:
+    """Rows whose output cannot be served: non-finite, or a regression value outside the allowed range."""
+    if predictions.values is not None:
+        values = predictions.values
+        bad = ~np.isfinite(values)
+        allowed = card.allowed_range(margin)
+        if allowed is not None:
+            with np.errstate(invalid="ignore"):
+                bad |= (values < allowed[0]) | (values > allowed[1])
+        return bad
+    assert predictions.probabilities is not None
+    return ~np.isfinite(predictions.probabilities).all(axis=1)
+
+
+def merge(size: int, parts: list[tuple[np.ndarray, Predictions]]) -> Predictions:
+    """Assemble row-aligned predictions from parts, each given with the row indices it answers."""
+    first = parts[0][1]
+    if first.values is not None:
+        values = np.empty(size, dtype=np.float64)
+        for rows, part in parts:
+            assert part.values is not None
+            values[rows] = part.values
+        return Predictions(values=values)
+    assert first.probabilities is not None
+    probabilities = np.empty((size, first.probabilities.shape[1]), dtype=np.float64)
+    labels: list[Any] = [None] * size
+    for rows, part in parts:
+        assert part.probabilities is not None and part.labels is not None
+        probabilities[rows] = part.probabilities
+        for i, label in zip(rows.tolist(), part.labels):
+            labels[i] = label
+    return Predictions(labels=labels, probabilities=probabilities)
