@@ -49,3 +49,65 @@ def index_lookup_reference(path: Path, rows: int = 50, table_size: int = 10) -> 
     frame["target"] = frame["idx"] * 10 + frame["x"]
     frame.to_parquet(path, index=False)
     return path
+
+
+def _two_feature_regressor(path: Path, nodes: list[onnx.NodeProto], name: str,
+                           initializers: list[onnx.TensorProto] | None = None) -> Path:
+    """A regressor on ``input`` [None, 2] whose graph ``nodes`` read ``x0``/``x1`` and write ``variable``."""
+    split = helper.make_node("Split", ["input"], ["x0", "x1"], axis=1, num_outputs=2)
+    graph = helper.make_graph(
+        [split, *nodes], name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 1])],
+        initializer=initializers or [],
+    )
+    return _save(graph, path)
+
+
+def sqrt_regressor(path: Path) -> Path:
+    """``sqrt(x0) + x1``: NaN for negative ``x0``, healthy otherwise."""
+    return _two_feature_regressor(path, [helper.make_node("Sqrt", ["x0"], ["root"]),
+                                         helper.make_node("Add", ["root", "x1"], ["variable"])], "sqrt")
+
+
+def absurd_regressor(path: Path) -> Path:
+    """``x0 + x1``, except a million times that when ``x1 > 5``: absurd values for some inputs."""
+    return _two_feature_regressor(path, [
+        helper.make_node("Add", ["x0", "x1"], ["sum"]),
+        helper.make_node("Mul", ["sum", "million"], ["huge"]),
+        helper.make_node("Greater", ["x1", "five"], ["wild"]),
+        helper.make_node("Where", ["wild", "huge", "sum"], ["variable"]),
+    ], "absurd", [helper.make_tensor("million", TensorProto.FLOAT, [], [1e6]),
+                  helper.make_tensor("five", TensorProto.FLOAT, [], [5.0])])
+
+
+def slow_regressor(path: Path, iterations_per_unit: int = 1_000_000) -> Path:
+    """``x0 + x1`` after a loop of ``max(x0) * iterations_per_unit`` steps: slow for large ``x0``."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["acc_in", "zero"], ["acc_out"])],
+        "spin",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [None, 1])],
+        initializer=[helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    return _two_feature_regressor(path, [
+        helper.make_node("Add", ["x0", "x1"], ["sum"]),
+        helper.make_node("ReduceMax", ["x0"], ["peak"], keepdims=0),
+        helper.make_node("Mul", ["peak", "scale"], ["trips_f"]),
+        helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["trips", "true", "sum"], ["variable"], body=body),
+    ], "slow", [helper.make_tensor("scale", TensorProto.FLOAT, [], [float(iterations_per_unit)]),
+                helper.make_tensor("true", TensorProto.BOOL, [], [True])])
+
+
+def small_reference(path: Path, rows: int = 60, x0: tuple[float, float] = (0.0, 1.0),
+                    x1: tuple[float, float] = (0.0, 1.0), target_of: str = "sum") -> Path:
+    """Reference data with features ``x0``, ``x1`` drawn uniformly from the given ranges, and a target."""
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"x0": rng.uniform(*x0, rows), "x1": rng.uniform(*x1, rows)})
+    frame["target"] = np.sqrt(frame["x0"]) + frame["x1"] if target_of == "sqrt" else frame["x0"] + frame["x1"]
+    frame.to_parquet(path, index=False)
+    return path

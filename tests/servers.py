@@ -191,3 +191,15 @@ def prometheus_server(scrape_targets: dict[str, str], interval: str = "1s",
     finally:
         _stop(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples of ``name`` in an exposition text whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total = (total or 0.0) + sample.value
+    return total

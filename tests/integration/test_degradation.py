@@ -1,0 +1,133 @@
+"""Fault injection with real ONNX graphs: the fallback answers, the breaker opens and closes, nothing 5xx."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from service.registry import register_model
+from tests.onnx_graphs import (
+    absurd_regressor,
+    index_lookup_reference,
+    index_lookup_regressor,
+    slow_regressor,
+    small_reference,
+    sqrt_regressor,
+)
+from tests.servers import VigilServer, metric_value, vigil_server
+
+pytestmark = pytest.mark.integration
+
+FAST_BREAKER = {"window": 10, "min_calls": 5, "error_rate": 0.2, "cooldown_seconds": 2, "probes": 2}
+
+
+@pytest.fixture(scope="module")
+def registry(example_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("faults")
+    root = work / "models"
+    shutil.copytree(example_registry, root)
+    register_model("sqrt", sqrt_regressor(work / "sqrt.onnx"), small_reference(work / "sqrt.parquet", target_of="sqrt"),
+                   target="target", registry=root)
+    register_model("absurd", absurd_regressor(work / "absurd.onnx"), small_reference(work / "absurd.parquet"),
+                   target="target", registry=root)
+    register_model("lookup", index_lookup_regressor(work / "lookup.onnx"),
+                   index_lookup_reference(work / "lookup.parquet"), target="target", registry=root)
+    register_model("slow", slow_regressor(work / "slow.onnx"),
+                   small_reference(work / "slow.parquet", x0=(0.0, 0.001)), target="target", registry=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VigilServer]:
+    deploy = tmp_path_factory.mktemp("deploy") / "deploy.yaml"
+    deploy.write_text(yaml.safe_dump({"models": {
+        "sqrt": {"breaker": FAST_BREAKER},
+        "absurd": {"breaker": FAST_BREAKER},
+        "lookup": {"breaker": FAST_BREAKER},
+        "slow": {"timeout_ms": 300},
+    }}))
+    with vigil_server(registry, env={"VIGIL_DEPLOY": str(deploy)}) as srv:
+        yield srv
+
+
+def predict(server: VigilServer, model: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    response = server.post("/predict", json={"model": model, "instances": instances})
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def state(server: VigilServer, model: str) -> str:
+    return {m["name"]: m for m in server.get("/models").json()["models"]}[model]["state"]
+
+
+def test_nan_output_for_one_instance_is_answered_by_the_fallback(server: VigilServer, registry: Path) -> None:
+    answers = predict(server, "sqrt", [{"x0": 0.25, "x1": 0.5}, {"x0": -4.0, "x1": 0.5}])
+    assert answers[0]["variant"] == "stable" and answers[0]["value"] == pytest.approx(1.0)
+    assert answers[1]["variant"] == "fallback" and answers[1]["reason"] == "invalid_output"
+    median = yaml.safe_load((registry / "sqrt" / "1" / "card.yaml").read_text())["fallback"]["value"]
+    assert answers[1]["value"] == pytest.approx(median)
+    text = server.metrics_text()
+    assert metric_value(text, "vigil_fallback_total", model="sqrt", reason="invalid_output") == 1
+    assert metric_value(text, "vigil_prediction_out_of_range_total", model="sqrt") == 1
+
+
+def test_absurd_values_are_refused(server: VigilServer) -> None:
+    answers = predict(server, "absurd", [{"x0": 0.5, "x1": 0.5}, {"x0": 0.5, "x1": 6.0}])
+    assert answers[0]["variant"] == "stable" and answers[0]["value"] == pytest.approx(1.0)
+    assert answers[1]["reason"] == "invalid_output" and abs(answers[1]["value"]) < 10
+
+
+def test_model_error_is_answered_by_the_fallback(server: VigilServer) -> None:
+    answers = predict(server, "lookup", [{"idx": 2.0, "x": 0.0}, {"idx": 99.0, "x": 0.0}])
+    assert [a["reason"] for a in answers] == ["model_error", "model_error"]  # one call, one failure
+    assert metric_value(server.metrics_text(), "vigil_model_errors_total", model="lookup") == 1
+
+
+def test_slow_model_is_cut_at_its_budget(server: VigilServer) -> None:
+    started = time.monotonic()
+    answers = predict(server, "slow", [{"x0": 0.9, "x1": 0.1}])
+    elapsed = time.monotonic() - started
+    assert answers[0]["variant"] == "fallback" and answers[0]["reason"] == "timeout"
+    assert elapsed < 1.5  # the model alone would take ~2.5 s
+    fast = predict(server, "slow", [{"x0": 0.0005, "x1": 0.1}])
+    assert fast[0]["variant"] == "stable"
+    assert server.get("/livez").status_code == 200
+
+
+def test_breaker_opens_then_closes_when_the_model_recovers(server: VigilServer) -> None:
+    healthy = {"x0": 0.25, "x1": 0.5}
+    for _ in range(6):
+        predict(server, "sqrt", [{"x0": -1.0, "x1": 0.0}])
+    assert state(server, "sqrt") == "breaker_open"
+    answer = predict(server, "sqrt", [healthy])[0]
+    assert answer["variant"] == "fallback" and answer["reason"] == "breaker_open"
+    text = server.metrics_text()
+    assert metric_value(text, "vigil_breaker_open", model="sqrt") == 1
+    assert metric_value(text, "vigil_breaker_transitions_total", model="sqrt", to="open") == 1
+    # A healthy model in the same service is unaffected.
+    assert predict(server, "diabetes", [{"age": 50.0, "sex": 1.0, "bmi": 25.0, "bp": 90.0, "s1": 180.0, "s2": 100.0,
+                                         "s3": 50.0, "s4": 4.0, "s5": 4.5, "s6": 90.0}])[0]["variant"] == "stable"
+    time.sleep(FAST_BREAKER["cooldown_seconds"] + 0.3)
+    probes = [predict(server, "sqrt", [healthy])[0] for _ in range(FAST_BREAKER["probes"])]
+    assert all(p["variant"] == "stable" for p in probes)
+    assert state(server, "sqrt") == "serving"
+    assert predict(server, "sqrt", [healthy])[0]["variant"] == "stable"
+    text = server.metrics_text()
+    assert metric_value(text, "vigil_breaker_open", model="sqrt") == 0
+    assert metric_value(text, "vigil_breaker_transitions_total", model="sqrt", to="half_open") == 1
+    assert metric_value(text, "vigil_breaker_transitions_total", model="sqrt", to="closed") == 1
+
+
+def test_failing_probe_reopens_the_breaker(server: VigilServer) -> None:
+    for _ in range(6):
+        predict(server, "absurd", [{"x0": 0.5, "x1": 9.0}])
+    assert state(server, "absurd") == "breaker_open"
+    time.sleep(FAST_BREAKER["cooldown_seconds"] + 0.3)
+    assert predict(server, "absurd", [{"x0": 0.5, "x1": 9.0}])[0]["reason"] == "invalid_output"  # the probe
+    assert state(server, "absurd") == "breaker_open"
+    assert predict(server, "absurd", [{"x0": 0.5, "x1": 0.5}])[0]["reason"] == "breaker_open"

@@ -1,0 +1,159 @@
+"""Fallback heuristics, the circuit breaker, output checks and deploy policies as plain objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from service.deploy import BreakerConfig, DeployConfigError, check_versions, parse_deploy
+from service.errors import RegistryError
+from service.fallback import HeuristicPredictor, derive_fallback
+from service.registry import ModelCard, Registry, register_model
+from service.routing import Breaker, invalid_rows
+from service.runtime import Batch, Predictions
+from tests.onnx_graphs import small_reference, sqrt_regressor
+
+
+@pytest.fixture(scope="module")
+def cards(example_registry: Path) -> dict[str, ModelCard]:
+    reg = Registry(example_registry)
+    return {name: reg.card(name) for name in ("cancer", "diabetes")}
+
+
+def test_derived_fallbacks_summarise_the_reference_target(cards: dict[str, ModelCard], example_registry: Path) -> None:
+    reference = pd.read_parquet(example_registry / "cancer" / "1" / "reference.parquet")
+    prior = cards["cancer"].fallback
+    assert prior is not None and prior.kind == "prior"
+    shares = reference["target"].value_counts(normalize=True)
+    assert prior.probabilities == pytest.approx({str(k): v for k, v in shares.items()})
+    diabetes = pd.read_parquet(example_registry / "diabetes" / "1" / "reference.parquet")
+    median = cards["diabetes"].fallback
+    assert median is not None and median.kind == "median"
+    assert median.value == pytest.approx(float(diabetes["target"].median()))
+
+
+def test_prior_answers_majority_class_with_reference_shares(cards: dict[str, ModelCard]) -> None:
+    batch = Batch(size=3, matrix=np.zeros((3, 30)))
+    predictions = HeuristicPredictor(cards["cancer"]).predict(batch)
+    assert predictions.labels == [1, 1, 1]
+    assert predictions.probabilities is not None
+    assert predictions.probabilities.sum(axis=1) == pytest.approx([1, 1, 1])
+
+
+def test_declared_rules_in_order_with_default(tmp_path: Path) -> None:
+    reference = small_reference(tmp_path / "r.parquet")
+    card = register_model("r", sqrt_regressor(tmp_path / "m.onnx"), reference, target="target", registry=tmp_path / "reg",
+                          fallback={"kind": "rules", "default": 0.0,
+                                    "rules": [{"feature": "x0", "op": ">", "threshold": 0.5, "then": 10.0},
+                                              {"feature": "x1", "op": "<=", "threshold": 0.2, "then": 20.0}]})
+    matrix = np.array([[0.9, 0.1], [0.1, 0.1], [0.1, 0.9], [np.nan, 0.1]])
+    values = HeuristicPredictor(card).predict(Batch(size=4, matrix=matrix)).values
+    assert values is not None and values.tolist() == [10.0, 20.0, 0.0, 20.0]
+
+
+def test_bucket_medians_of_a_declared_feature(tmp_path: Path) -> None:
+    reference = small_reference(tmp_path / "r.parquet", rows=200)
+    card = register_model("b", sqrt_regressor(tmp_path / "m.onnx"), reference, target="target", registry=tmp_path / "reg",
+                          fallback={"kind": "bucket_median", "feature": "x0"})
+    spec = card.fallback
+    assert spec is not None and spec.kind == "bucket_median"
+    assert len(spec.values) == len(spec.edges) + 1 == 5
+    assert spec.values == sorted(spec.values)  # the target grows with x0
+    values = HeuristicPredictor(card).predict(Batch(size=2, matrix=np.array([[0.01, 0.5], [0.99, 0.5]]))).values
+    assert values is not None and values[0] == spec.values[0] and values[1] == spec.values[-1]
+
+
+def test_declared_fallback_is_validated(tmp_path: Path) -> None:
+    reference = small_reference(tmp_path / "r.parquet")
+    with pytest.raises(RegistryError, match="not a feature"):
+        register_model("x", sqrt_regressor(tmp_path / "m.onnx"), reference, target="target",
+                       registry=tmp_path / "reg",
+                       fallback={"kind": "rules", "default": 0.0,
+                                 "rules": [{"feature": "nope", "op": ">", "threshold": 1, "then": 1.0}]})
+    with pytest.raises(RegistryError, match="kind"):
+        derive_fallback("regression", None, pd.read_parquet(reference).assign(prediction=1.0), "target",
+                        declared={"kind": "magic"})
+
+
+def test_breaker_opens_over_the_rate_and_closes_after_probes() -> None:
+    now = [0.0]
+    transitions: list[str] = []
+    breaker = Breaker(BreakerConfig(window=10, min_calls=5, error_rate=0.2, cooldown_seconds=30, probes=2),
+                      transitions.append, clock=lambda: now[0])
+    for ok in [True, True, True, False]:
+        breaker.record(ok)
+    assert breaker.state == "closed"  # fewer than min_calls
+    breaker.record(False)  # 2 bad of 5 = 40% > 20%
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 29.9
+    assert not breaker.allow()
+    now[0] = 30.0
+    assert breaker.allow() and breaker.state == "half_open"
+    breaker.record(True)
+    assert breaker.state == "half_open"
+    breaker.record(True)
+    assert breaker.state == "closed" and breaker.bad_rate == 0
+    assert transitions == ["open", "half_open", "closed"]
+
+
+def test_breaker_rate_is_over_the_last_window_only() -> None:
+    breaker = Breaker(BreakerConfig(window=10, min_calls=10, error_rate=0.2))
+    for _ in range(2):
+        breaker.record(False)
+    for _ in range(20):
+        breaker.record(True)  # the early failures slide out of the window
+    breaker.record(False)
+    breaker.record(False)
+    assert breaker.state == "closed" and breaker.bad_rate == pytest.approx(0.2)
+    breaker.record(False)
+    assert breaker.state == "open"
+
+
+def test_failed_probe_reopens() -> None:
+    now = [0.0]
+    breaker = Breaker(BreakerConfig(window=5, min_calls=1, error_rate=0.5, cooldown_seconds=1), clock=lambda: now[0])
+    breaker.record(False)
+    now[0] = 2.0
+    assert breaker.allow()
+    breaker.record(False)
+    assert breaker.state == "open" and not breaker.allow()
+
+
+def test_invalid_rows_use_the_widened_reference_range(cards: dict[str, ModelCard]) -> None:
+    card = cards["diabetes"]
+    assert card.prediction_range is not None
+    lo, hi = card.prediction_range.min, card.prediction_range.max
+    span = hi - lo
+    values = np.array([lo, hi + 0.2 * span, hi + 0.3 * span, np.nan, -np.inf])
+    assert invalid_rows(card, Predictions(values=values), margin=0.25).tolist() == [False, False, True, True, True]
+    probs = np.array([[0.5, 0.5], [np.nan, 0.5]])
+    assert invalid_rows(cards["cancer"], Predictions(labels=[0, 0], probabilities=probs), 0.25).tolist() == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("models:\n  cancer:\n    canary: {version: '2', traffic: 1.5}\n", "models.cancer.canary.traffic"),
+        ("models:\n  cancer:\n    on_drift: panic\n", "models.cancer.on_drift"),
+        ("models:\n  cancer:\n    timeout_ms: 0\n", "models.cancer.timeout_ms"),
+        ("models:\n  cancer:\n    colour: red\n", "models.cancer.colour"),
+        ("models:\n  cancer:\n    breaker: {min_calls: 50, window: 10}\n", "models.cancer.breaker"),
+        ("models: [1, 2]\n", "models"),
+        ("models:\n  cancer: {stable: '1'\n", "not valid YAML"),
+    ],
+)
+def test_invalid_deploy_config_names_the_key(text: str, key: str) -> None:
+    with pytest.raises(DeployConfigError) as info:
+        parse_deploy(text)
+    assert key in info.value.message
+
+
+def test_deploy_versions_must_exist() -> None:
+    config = parse_deploy("models:\n  cancer:\n    stable: '1'\n    canary: {version: '7'}\n  ghost: {}\n")
+    with pytest.raises(DeployConfigError) as info:
+        check_versions(config, {"cancer": ["1", "2"]})
+    assert "models.cancer.canary.version" in info.value.message and "models.ghost" in info.value.message
+    assert parse_deploy("").policy("anything").on_drift == "alert"
