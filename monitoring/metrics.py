@@ -156,6 +156,17 @@ class VigilMetrics:
         self.drift_last_run = Gauge(
             "vigil_drift_last_run_timestamp_seconds", "Unix time of the latest drift run.",
             ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.rollbacks = Counter(
+            "vigil_rollbacks", "Canary rollbacks, by the rule that was breached (or 'manual').",
+            ["model", "version", "reason"], registry=r)
+        self.canary_traffic = Gauge(
+            "vigil_canary_traffic_ratio", "Share of requests routed to the canary version (0 once rolled back).",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
+        self.deploy_reloads = Counter(
+            "vigil_deploy_reloads", "Deploy config reloads applied.", registry=r)
+        self.deploy_reload_errors = Counter(
+            "vigil_deploy_reload_errors", "Deploy config reloads refused (invalid file); the last good config serves.",
+            registry=r)
         self.predlog_rows = Counter(
             "vigil_predlog_rows", "Rows written to the prediction log.", ["model"], registry=r)
         self.predlog_dropped = Counter(

@@ -11,19 +11,39 @@ OpenAPI document (``/docs.json``), which includes these routes.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 from typing import Any
 
+import anyio.to_thread
 import bentoml
 import orjson
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, VigilError, error_body
+from service.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    VigilError,
+    error_body,
+)
 from service.inputs import PredictRequest, parse_envelope, parse_json
-from service.deploy import DeployConfig, DeployConfigError, load_deploy
+from service.control import ControlLoop
+from service.deploy import (
+    DeployConfig,
+    DeployConfigError,
+    clear_rollback,
+    edit_deploy,
+    load_deploy,
+    promote,
+    rollback_to,
+)
 from service.serving import ModelServer, worker_label
 from service.settings import Settings
 
@@ -64,6 +84,15 @@ class Prediction(BaseModel):
     label: int | str | None = None
     probabilities: dict[str, float] | None = None
     value: float | None = None
+
+
+class AdminModelRequest(BaseModel):
+    """Body of ``/admin/rollback`` and ``/admin/promote``."""
+
+    model_config = {"extra": "forbid"}
+    model: str
+    to: str | None = None
+    """Rollback only: serve this version as stable (and drop the canary) instead of just turning the canary off."""
 
 
 class PredictResponse(BaseModel):
@@ -109,6 +138,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _check_admin(request: Request, token: Any) -> None:
+    if token is None:
+        raise Forbidden("admin endpoints are disabled: set VIGIL_ADMIN_TOKEN to enable them")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+async def _admin_body(request: Request, limit: int) -> AdminModelRequest:
+    _check_content_type(request)
+    payload = parse_json(await _read_body(request, limit))
+    try:
+        return AdminModelRequest.model_validate(payload)
+    except ValueError as exc:
+        raise BadRequest(f"expected {{model, to?}}: {exc}", code="invalid_request") from None
+
+
 def _check_content_type(request: Request) -> None:
     content_type = request.headers.get("content-type")
     if content_type is None:
@@ -147,6 +194,8 @@ class Vigil:
             deploy = DeployConfig()
         self.server = ModelServer(settings, self.metrics, self.predlog, deploy)
         self.server.load_all()
+        self.control = ControlLoop(self.server, settings.control_interval_seconds)
+        self.control.start()
         if self.predlog is not None:
             self.predlog.start()
         self.sampler = ProcessSampler(self.metrics, worker_label()) if self.metrics is not None else None
@@ -160,6 +209,7 @@ class Vigil:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         """Stop sampling and write every buffered prediction log row before the worker exits."""
+        self.control.stop()
         if self.sampler is not None:
             self.sampler.stop()
         if self.predlog is not None:
@@ -196,6 +246,57 @@ class Vigil:
                 self.server.reject(model, exc.code)
             return _json(error_body(exc), exc.status_code, {"X-Request-ID": request_id})
         return _json(answer, headers={"X-Request-ID": request_id})
+
+    @http.post("/admin/reload", summary="Re-read deploy.yaml now (bearer token)", responses=_ERRORS)
+    async def admin_reload(self, request: Request) -> Response:
+        """Apply deploy.yaml now; an invalid file is refused and the current routing keeps serving."""
+        try:
+            _check_admin(request, self.settings.admin_token)
+            ok = await anyio.to_thread.run_sync(self.control.reload, "admin request")
+            if not ok:
+                load_deploy(self.settings.deploy)  # raises the validation error to show the client
+        except VigilError as exc:
+            return _json(error_body(exc), exc.status_code)
+        return _json({"reloaded": True, "models": self.server.describe()})
+
+    @http.post("/admin/rollback", summary="Turn a canary off, or serve a given version (bearer token)",
+               responses=_ERRORS)
+    async def admin_rollback(self, request: Request) -> Response:
+        """``{"model"}`` turns the live canary off (recorded, survives restarts); ``{"model", "to"}`` edits deploy.yaml."""
+        try:
+            _check_admin(request, self.settings.admin_token)
+            body = await _admin_body(request, self.settings.max_body_bytes)
+            if body.to is None:
+                record = self.server.rollback(body.model, "manual")
+                return _json({"model": body.model, "rolled_back": record.model_dump(mode="json")})
+            versions = {name: self.server.registry.versions(name) for name in self.server.registry.names()}
+            await anyio.to_thread.run_sync(lambda: edit_deploy(
+                self.settings.deploy, lambda doc: rollback_to(doc, body.model, body.to or ""), versions))
+            await anyio.to_thread.run_sync(self.server.reload)
+        except VigilError as exc:
+            return _json(error_body(exc), exc.status_code)
+        return _json({"model": body.model, "stable": body.to})
+
+    @http.post("/admin/promote", summary="Make the canary the stable version (bearer token)", responses=_ERRORS)
+    async def admin_promote(self, request: Request) -> Response:
+        """Edit deploy.yaml so the canary becomes stable, then reload."""
+        try:
+            _check_admin(request, self.settings.admin_token)
+            body = await _admin_body(request, self.settings.max_body_bytes)
+            promoted: list[str] = []
+
+            def change(doc: Any) -> None:
+                promoted.append(promote(doc, body.model))
+
+            try:
+                await anyio.to_thread.run_sync(lambda: edit_deploy(self.settings.deploy, change))
+            except DeployConfigError as exc:
+                raise Conflict(exc.message) from None
+            clear_rollback(self.settings.data_dir, body.model)
+            await anyio.to_thread.run_sync(self.server.reload)
+        except VigilError as exc:
+            return _json(error_body(exc), exc.status_code)
+        return _json({"model": body.model, "stable": promoted[0]})
 
     @http.get("/models", summary="Registered models and the versions they serve")
     async def models(self) -> Response:

@@ -16,8 +16,9 @@ with the default policies.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -167,3 +168,131 @@ def check_versions(config: DeployConfig, versions: dict[str, list[str]]) -> None
 def dump_deploy(config: DeployConfig) -> dict[str, Any]:
     """The config as plain data, without defaults, for writing back to YAML."""
     return config.model_dump(mode="json", exclude_defaults=True)
+
+
+# ---------------------------------------------------------------------- rollback state
+
+
+class RollbackRecord(BaseModel):
+    """A canary that was rolled back: it stays off until the config names another canary or it is re-enabled."""
+
+    version: str
+    reason: str
+    figures: dict[str, Any] = Field(default_factory=dict)
+    at: datetime
+    by: Literal["monitor", "operator"] = "monitor"
+
+
+class DeployState(BaseModel):
+    """What the service decided on its own, kept under ``VIGIL_DATA_DIR`` so it survives restarts."""
+
+    rollbacks: dict[str, RollbackRecord] = Field(default_factory=dict)
+
+    def canary_traffic(self, model: str, policy: ModelPolicy) -> float:
+        """The canary's effective traffic share: 0 once that canary version was rolled back."""
+        if policy.canary is None:
+            return 0.0
+        record = self.rollbacks.get(model)
+        if record is not None and record.version == policy.canary.version:
+            return 0.0
+        return policy.canary.traffic
+
+
+def state_path(data_dir: Path) -> Path:
+    """Where the rollback state lives."""
+    return Path(data_dir) / "deploy_state.json"
+
+
+def load_state(data_dir: Path) -> DeployState:
+    """Read the rollback state (empty when missing; an unreadable file is reported, not fatal)."""
+    path = state_path(data_dir)
+    if not path.exists():
+        return DeployState()
+    try:
+        return DeployState.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError) as exc:
+        raise DeployConfigError(f"cannot read rollback state {path}: {exc}") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def record_rollback(data_dir: Path, model: str, record: RollbackRecord) -> DeployState:
+    """Add a rollback to the state file (atomic); returns the new state."""
+    state = load_state(data_dir)
+    state.rollbacks[model] = record
+    _atomic_write(state_path(data_dir), state.model_dump_json(indent=2).encode())
+    return state
+
+
+def clear_rollback(data_dir: Path, model: str) -> None:
+    """Forget a model's rollback (the operator re-enables its canary)."""
+    state = load_state(data_dir)
+    if state.rollbacks.pop(model, None) is not None:
+        _atomic_write(state_path(data_dir), state.model_dump_json(indent=2).encode())
+
+
+# ---------------------------------------------------------------------- editing deploy.yaml
+
+
+def edit_deploy(path: Path, change: Callable[[Any], None], versions: dict[str, list[str]] | None = None) -> DeployConfig:
+    """Apply ``change`` to the YAML document (comments kept), validate the result, write it atomically.
+
+    ``change`` receives the round-trip mapping and edits it in place; nothing is
+    written when the result does not validate.
+    """
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    text = path.read_text() if path.exists() else "models: {}\n"
+    document = yaml_rt.load(text) or {}
+    if "models" not in document or document["models"] is None:
+        document["models"] = {}
+    change(document)
+    out = StringIO()
+    yaml_rt.dump(document, out)
+    new_text = out.getvalue()
+    config = parse_deploy(new_text, str(path))
+    if versions is not None:
+        check_versions(config, versions)
+    _atomic_write(path, new_text.encode())
+    return config
+
+
+def set_canary(document: Any, model: str, version: str, traffic: float) -> None:
+    """Edit: make ``version`` the canary of ``model`` with ``traffic``."""
+    entry = document["models"].setdefault(model, {})
+    canary = entry.get("canary") or {}
+    canary["version"] = str(version)
+    canary["traffic"] = float(traffic)
+    entry["canary"] = canary
+
+
+def promote(document: Any, model: str) -> str:
+    """Edit: the canary becomes stable; returns the promoted version."""
+    entry = (document["models"] or {}).get(model) or {}
+    canary = entry.get("canary")
+    if not canary or "version" not in canary:
+        raise DeployConfigError(f"models.{model}.canary: there is no canary to promote")
+    entry["stable"] = str(canary["version"])
+    del entry["canary"]
+    document["models"][model] = entry
+    return str(entry["stable"])
+
+
+def rollback_to(document: Any, model: str, version: str) -> None:
+    """Edit: serve ``version`` as stable and drop the canary."""
+    entry = document["models"].setdefault(model, {})
+    entry["stable"] = str(version)
+    if "canary" in entry:
+        del entry["canary"]

@@ -74,6 +74,27 @@ class UnsupportedMediaType(VigilError):
     code = "unsupported_media_type"
 
 
+class Unauthorized(VigilError):
+    """An admin call without the right bearer token."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(VigilError):
+    """Admin endpoints are disabled (no ``VIGIL_ADMIN_TOKEN`` set)."""
+
+    status_code = 403
+    code = "admin_disabled"
+
+
+class Conflict(VigilError):
+    """The action does not apply to the current state (e.g. no canary to promote)."""
+
+    status_code = 409
+    code = "conflict"
+
+
 class RegistryError(VigilError):
     """A model cannot be registered or read from the registry; the message says why."""
 

@@ -8,17 +8,32 @@ call it without a server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import os
+import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from service.deploy import DeployConfig, ModelPolicy
-from service.errors import ModelNotFound, ModelNotReady, VigilError
+from service.deploy import (
+    DeployConfig,
+    DeployConfigError,
+    DeployState,
+    ModelPolicy,
+    RollbackRecord,
+    check_versions,
+    load_deploy,
+    load_state,
+    record_rollback,
+)
+from service.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
 from service.fallback import HeuristicPredictor
 from service.inputs import InstanceValidator, PredictRequest
 from service.registry import ModelCard, Registry
@@ -26,6 +41,7 @@ from service.routing import Breaker, ServedVersion, degraded_reason, invalid_row
 from service.runtime import Batch, ModelTimeout, OnnxPredictor, Predictions, Predictor
 from service.settings import Settings
 
+from monitoring.canary import Breach, CanaryComparison
 from monitoring.metrics import VigilMetrics
 from monitoring.predlog import LoggedRequest, PredictionLog
 
@@ -37,12 +53,27 @@ INLINE_CALL_SECONDS = 0.002
 
 @dataclass
 class ModelEntry:
-    """A registered model: the version it serves, or why it cannot serve at all."""
+    """A registered model: its stable version (and canary), or why it cannot serve at all."""
 
     name: str
     policy: ModelPolicy = field(default_factory=ModelPolicy)
     stable: ServedVersion | None = None
     error: str | None = None
+    canary: ServedVersion | None = None
+    canary_traffic: float = 0.0
+    comparison: CanaryComparison | None = None
+
+    def choose(self, key: str | None) -> ServedVersion | None:
+        """Stable or canary for one request: by a hash of ``key`` when sticky, else at random."""
+        if self.canary is None or self.canary_traffic <= 0:
+            return self.stable
+        assert self.policy.canary is not None
+        if key is not None and self.policy.canary.sticky:
+            digest = hashlib.blake2b(f"{self.name}\x00{key}".encode(), digest_size=8).digest()
+            draw = int.from_bytes(digest, "big") / 2**64
+        else:
+            draw = random.random()
+        return self.canary if draw < self.canary_traffic else self.stable
 
 
 @dataclass
@@ -50,6 +81,7 @@ class _Outcome:
     predictions: Predictions
     reasons: list[str | None]
     variant_of_row: np.ndarray  # True where the model (not the fallback) answered
+    errored: bool = False  # the model raised or timed out
 
 
 class ModelServer:
@@ -63,29 +95,107 @@ class ModelServer:
         self.deploy = deploy or DeployConfig()
         self.registry = Registry(settings.registry)
         self.models: dict[str, ModelEntry] = {}
+        self.state = DeployState()
+        self._loaded: dict[tuple[str, str], ServedVersion] = {}
+        self._errors: dict[tuple[str, str], str] = {}
+        self._reload_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vigil-model")
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ loading and reloading
 
     def load_all(self) -> None:
-        """Load every registered model's serving version; a model that fails is logged and served by its fallback."""
-        for name in self.registry.names():
-            self.models[name] = self._load(name)
+        """Load every registered model's versions as the deploy config says; failures are logged, never fatal."""
+        state = self._read_state()
+        self.state = state
+        self.models = self._build(self.deploy, state)
         if not self.models:
             log.warning("no models registered in %s", self.registry.root)
 
-    def _load(self, name: str) -> ModelEntry:
-        policy = self.deploy.policy(name)
+    def reload(self, deploy: DeployConfig | None = None) -> DeployConfig:
+        """Re-read deploy.yaml (or apply ``deploy``) and the rollback state, then swap routing at once.
+
+        Requests already running keep the entries they started with; new ones
+        see the new routing. An invalid config raises :class:`DeployConfigError`
+        and the current routing keeps serving.
+        """
+        with self._reload_lock:
+            config = deploy if deploy is not None else load_deploy(self.settings.deploy)
+            check_versions(config, {name: self.registry.versions(name) for name in self.registry.names()})
+            state = self._read_state()
+            models = self._build(config, state)
+            self.deploy, self.state, self.models = config, state, models
+            return config
+
+    def _read_state(self) -> DeployState:
         try:
-            card = self.registry.card(name, policy.stable)
+            return load_state(self.settings.data_dir)
+        except DeployConfigError as exc:
+            log.error("%s; keeping the rollback state in memory", exc.message)
+            return getattr(self, "state", DeployState())
+
+    def _build(self, config: DeployConfig, state: DeployState) -> dict[str, ModelEntry]:
+        models: dict[str, ModelEntry] = {}
+        for name in self.registry.names():
+            policy = config.policy(name)
+            old = self.models.get(name)
+            try:
+                stable_version = policy.stable or self.registry.latest(name)
+            except VigilError as exc:
+                models[name] = ModelEntry(name=name, policy=policy, error=exc.message)
+                continue
+            stable = self._served(name, stable_version, "stable", policy)
+            if stable is None:
+                models[name] = ModelEntry(name=name, policy=policy, error=self._errors.get((name, stable_version)))
+                continue
+            entry = ModelEntry(name=name, policy=policy, stable=stable)
+            if policy.canary is not None:
+                entry.canary = self._served(name, policy.canary.version, "canary", policy)
+                entry.canary_traffic = state.canary_traffic(name, policy) if entry.canary is not None else 0.0
+                same = (old is not None and old.comparison is not None
+                        and old.comparison.stable_version == stable_version
+                        and old.comparison.canary_version == policy.canary.version)
+                entry.comparison = old.comparison if same and old is not None else CanaryComparison(
+                    name, stable_version, policy.canary.version, stable.card.prediction_quantiles)
+            models[name] = entry
+            self._export_traffic(name, old, entry)
+        return models
+
+    def _export_traffic(self, name: str, old: ModelEntry | None, new: ModelEntry) -> None:
+        if self.metrics is None:
+            return
+        if old is not None and old.canary is not None and (new.canary is None or new.canary.card.version != old.canary.card.version):
+            self.metrics.canary_traffic.labels(name, old.canary.card.version).set(0)
+        if new.canary is not None:
+            self.metrics.canary_traffic.labels(name, new.canary.card.version).set(new.canary_traffic)
+
+    def _served(self, name: str, version: str, variant: str, policy: ModelPolicy) -> ServedVersion | None:
+        """A version in the given role; loaded once per worker and reused across reloads."""
+        key = (name, version)
+        base = self._loaded.get(key)
+        if base is None:
+            if key in self._errors:
+                return None
+            base = self._load_version(name, version, policy)
+            if base is None:
+                return None
+            self._loaded[key] = base
+        if base.variant == variant:
+            return base
+        metrics = self.metrics.bind(base.card, variant) if self.metrics is not None else None
+        return dataclasses.replace(base, variant=variant, metrics=metrics)
+
+    def _load_version(self, name: str, version: str, policy: ModelPolicy) -> ServedVersion | None:
+        try:
+            card = self.registry.card(name, version)
             validator = InstanceValidator(card, self.settings.max_string_length)
             fallback = HeuristicPredictor(card)
-        except Exception as exc:  # noqa: BLE001 - no card, no fallback: the model cannot answer at all
+        except Exception as exc:  # noqa: BLE001 - no card, no fallback: the version cannot answer at all
             reason = _why(exc)
-            log.error("model '%s' cannot be served: %s", name, reason)
+            self._errors[(name, version)] = reason
+            log.error("model %s:%s cannot be served: %s", name, version, reason)
             if self.metrics is not None:
                 self.metrics.model_failed(name)
-            return ModelEntry(name=name, policy=policy, error=reason)
+            return None
         served = ServedVersion(card=card, validator=validator, fallback=fallback, predictor=None,
                                breaker=self._breaker(card, policy))
         if self.metrics is not None:
@@ -97,16 +207,16 @@ class ModelServer:
             _warm_up(predictor, validator, card, policy.timeout_ms / 1000)
         except Exception as exc:  # noqa: BLE001 - the fallback answers instead
             served.load_error = _why(exc)
-            log.error("model %s:%s failed to load, its fallback answers: %s", name, card.version, served.load_error)
+            log.error("model %s:%s failed to load, its fallback answers: %s", name, version, served.load_error)
             if self.metrics is not None:
                 self.metrics.model_failed(name)
-            return ModelEntry(name=name, policy=policy, stable=served)
+            return served
         served.predictor = predictor
         served.load_seconds = predictor.load_seconds
         if self.metrics is not None:
             self.metrics.model_loaded(card, predictor.load_seconds)
-        log.info("model %s:%s loaded in %.3fs", card.name, card.version, predictor.load_seconds)
-        return ModelEntry(name=name, policy=policy, stable=served)
+        log.info("model %s:%s loaded in %.3fs", name, version, predictor.load_seconds)
+        return served
 
     def _breaker(self, card: ModelCard, policy: ModelPolicy) -> Breaker:
         def on_transition(state: str) -> None:
@@ -115,6 +225,40 @@ class ModelServer:
                 self.metrics.breaker_changed(card, state)
 
         return Breaker(policy.breaker, on_transition)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ canary
+
+    def check_canaries(self) -> list[tuple[str, Breach]]:
+        """Compare every live canary with its stable version; roll back those that breach their rules."""
+        rolled = []
+        for name, entry in list(self.models.items()):
+            if entry.comparison is None or entry.canary_traffic <= 0 or entry.policy.canary is None:
+                continue
+            breach = entry.comparison.evaluate(entry.policy.canary.rollback_when)
+            if breach is not None:
+                self.rollback(name, breach.reason, breach.figures, by="monitor")
+                rolled.append((name, breach))
+        return rolled
+
+    def rollback(self, name: str, reason: str, figures: dict[str, Any] | None = None, by: str = "operator") -> RollbackRecord:
+        """Turn the canary of ``name`` off, durably: recorded in the state file, exported, logged."""
+        entry = self.models.get(name)
+        if entry is None or entry.canary is None or entry.canary_traffic <= 0:
+            raise Conflict(f"models.{name}.canary: no live canary to roll back")
+        version = entry.canary.card.version
+        record = RollbackRecord(version=version, reason=reason, figures=figures or {},
+                                at=datetime.now(timezone.utc), by=by)  # type: ignore[arg-type]
+        try:
+            self.state = record_rollback(self.settings.data_dir, name, record)
+        except OSError as exc:  # the rollback still happens in this worker; say why it may not survive a restart
+            log.error("could not persist the rollback of %s:%s: %s", name, version, exc)
+            self.state.rollbacks[name] = record
+        self.models = {**self.models, name: dataclasses.replace(entry, canary_traffic=0.0)}
+        if self.metrics is not None:
+            self.metrics.rollbacks.labels(name, version, reason).inc()
+            self.metrics.canary_traffic.labels(name, version).set(0)
+        log.warning("canary %s:%s rolled back (%s): %s", name, version, reason, _short(figures or {}))
+        return record
 
     # ------------------------------------------------------------------ readiness and listing
 
@@ -156,25 +300,37 @@ class ModelServer:
                 item["labels"] = card.labels
             if card.prediction_range is not None:
                 item["prediction_range"] = card.prediction_range.model_dump()
+            if entry.canary is not None:
+                item["canary"] = {
+                    "version": entry.canary.card.version,
+                    "traffic": entry.canary_traffic,
+                    "configured_traffic": entry.policy.canary.traffic if entry.policy.canary else 0.0,
+                    "state": state_of(entry.canary, entry.policy),
+                    "comparison": entry.comparison.summary() if entry.comparison is not None else None,
+                }
+            rollback = self.state.rollbacks.get(name)
+            if rollback is not None:
+                item["last_rollback"] = rollback.model_dump(mode="json")
             out.append(item)
         return out
 
     # ------------------------------------------------------------------ predicting
 
-    def route(self, name: str) -> tuple[ModelEntry, ServedVersion]:
+    def route(self, name: str, key: str | None = None) -> tuple[ModelEntry, ServedVersion]:
         """The entry and version answering for ``name``; 404 when unknown, 503 when nothing can answer."""
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"no model named '{name}'; registered: {', '.join(sorted(self.models)) or 'none'}")
-        if entry.stable is None:
+        served = entry.choose(key)
+        if served is None:
             raise ModelNotReady(f"model '{name}' is not ready: {entry.error}")
-        return entry, entry.stable
+        return entry, served
 
     async def predict(self, request: PredictRequest, request_id: str) -> dict[str, Any]:
         """Validate, route, predict, check and record one request; returns the response body."""
         started = time.perf_counter()
         try:
-            entry, served = self.route(request.model)
+            entry, served = self.route(request.model, request.key)
         except ModelNotFound:
             self._reject("unknown", "unknown_model")
             raise
@@ -189,8 +345,13 @@ class ModelServer:
         items = _items(served, outcome)
         if self.predlog is not None:
             self.predlog.append(_log_record(served, request, request_id, outcome))
+        seconds = time.perf_counter() - started
         if served.metrics is not None:
-            served.metrics.request_duration.observe(time.perf_counter() - started)
+            served.metrics.request_duration.observe(seconds)
+        if entry.comparison is not None and entry.canary_traffic > 0:
+            entry.comparison.variant(served.variant).record(
+                seconds, batch.size, sum(r is not None for r in outcome.reasons), outcome.errored,
+                _scores(outcome.predictions))
         return {"request_id": request_id, "model": request.model, "predictions": items}
 
     async def _answer(self, entry: ModelEntry, served: ServedVersion, batch: Batch) -> _Outcome:
@@ -240,7 +401,8 @@ class ModelServer:
             parts.append((rows, fallback_predictions))
             for i in rows.tolist():
                 reasons[i] = why
-        return _Outcome(merge(n, parts), reasons, answered_by_model)
+        errored = "model_error" in to_fallback or "timeout" in to_fallback
+        return _Outcome(merge(n, parts), reasons, answered_by_model, errored)
 
     async def _call(self, served: ServedVersion, policy: ModelPolicy,
                     batch: Batch) -> tuple[Predictions | None, str | None]:
@@ -302,6 +464,20 @@ class ModelServer:
     def close(self) -> None:
         """Release the model-call threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _scores(predictions: Predictions) -> np.ndarray:
+    """What the canary's prediction distribution is compared on: values, or the positive/top-class score."""
+    if predictions.values is not None:
+        return predictions.values
+    assert predictions.probabilities is not None
+    probs = predictions.probabilities
+    return probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1)
+
+
+def _short(figures: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
+                     if not isinstance(v, dict))
 
 
 def _why(exc: Exception) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,12 @@ class Settings(BaseSettings):
 
     max_string_length: int = Field(1024, ge=1)
     """Longest value accepted for a string feature."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for ``/admin/*``; without it those endpoints are disabled (403), never open."""
+
+    control_interval_seconds: float = Field(1.0, gt=0, le=60)
+    """How often each worker re-reads deploy.yaml, the rollback state and drift verdicts, and checks canaries."""
 
     workers: int = Field(1, ge=1)
     """HTTP worker processes (``vigil serve --workers``)."""

@@ -1,0 +1,78 @@
+"""The worker's control loop: hot reload of deploy.yaml and the rollback state, and canary checks.
+
+One daemon thread per worker polls the files (no inotify dependency, works on
+any shared volume) every ``interval`` seconds. A reload builds the new routing
+off the request path and swaps it in one assignment, so requests in flight
+finish on the old routing and none fails during the switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from service.deploy import DeployConfigError, state_path
+from service.serving import ModelServer
+
+log = logging.getLogger("vigil.control")
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class ControlLoop:
+    """Watches the deploy config and rollback state; runs the canary monitor."""
+
+    def __init__(self, server: ModelServer, interval: float = 1.0) -> None:
+        self.server = server
+        self.interval = interval
+        self._deploy_path = Path(server.settings.deploy)
+        self._state_path = state_path(server.settings.data_dir)
+        self._seen = (_stamp(self._deploy_path), _stamp(self._state_path))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start polling in a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="vigil-control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop must outlive any single failure
+                log.exception("control loop tick failed")
+
+    def tick(self) -> None:
+        """One round: reload when a watched file changed, then check the canaries."""
+        seen = (_stamp(self._deploy_path), _stamp(self._state_path))
+        if seen != self._seen:
+            self._seen = seen
+            self.reload("file change")
+        self.server.check_canaries()
+
+    def reload(self, why: str) -> bool:
+        """Reload now; an invalid config is refused, counted and logged, and the old routing keeps serving."""
+        metrics = self.server.metrics
+        try:
+            self.server.reload()
+        except DeployConfigError as exc:
+            log.error("deploy config refused (%s), the last good config keeps serving: %s", why, exc.message)
+            if metrics is not None:
+                metrics.deploy_reload_errors.inc()
+            return False
+        log.info("deploy config reloaded (%s)", why)
+        if metrics is not None:
+            metrics.deploy_reloads.inc()
+        return True
