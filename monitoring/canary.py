@@ -8,6 +8,7 @@ verdict under the deploy config's ``rollback_when`` rules.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-PSI_EPSILON = 1e-4
-"""Floor for bucket shares in PSI, so an empty bucket does not make the distance infinite."""
+PSI_SMOOTHING = 0.5
+"""Pseudo-count added to every bucket (Jeffreys): an empty bucket in a small sample must not read as infinite shift."""
 
 
 @dataclass
@@ -60,12 +61,33 @@ class VariantStats:
             }
 
 
+Z_ONE_SIDED = 3.09
+"""Standard normal quantile for p = 0.001: a breach must also be this unlikely to be noise."""
+
+
+def chi2_quantile(dof: int, z: float = Z_ONE_SIDED) -> float:
+    """Upper quantile of chi-square with ``dof`` degrees of freedom (Wilson-Hilferty; no SciPy on the request path)."""
+    k = max(dof, 1)
+    return k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+
+
+def rate_increase_is_significant(bad_a: int, n_a: int, bad_b: int, n_b: int, z: float = Z_ONE_SIDED) -> bool:
+    """One-sided two-proportion z-test: is rate B above rate A beyond sampling noise?"""
+    if n_a == 0 or n_b == 0:
+        return False
+    pooled = (bad_a + bad_b) / (n_a + n_b)
+    if pooled in (0.0, 1.0):
+        return bad_b / n_b > bad_a / n_a
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    return (bad_b / n_b - bad_a / n_a) / se > z
+
+
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     """Population stability index between two histograms over the same buckets."""
     if expected.sum() == 0 or actual.sum() == 0:
         return 0.0
-    e = np.maximum(expected / expected.sum(), PSI_EPSILON)
-    a = np.maximum(actual / actual.sum(), PSI_EPSILON)
+    e = (expected + PSI_SMOOTHING) / (expected.sum() + PSI_SMOOTHING * len(expected))
+    a = (actual + PSI_SMOOTHING) / (actual.sum() + PSI_SMOOTHING * len(actual))
     return float(np.sum((a - e) * np.log(a / e)))
 
 
@@ -102,21 +124,36 @@ class CanaryComparison:
         if canary["requests"] < rules.min_requests or stable["requests"] < min_stable_requests:
             return None
         base = {"stable": stable, "canary": canary}
+        # Every rule needs both an effect above its limit and evidence that it is not sampling
+        # noise: with a few hundred requests, one unlucky error or a noisy histogram is common.
+        s, c = self.stable, self.canary
         increase = canary["error_rate"] - stable["error_rate"]
-        if increase > rules.error_rate_increase:
+        if increase > rules.error_rate_increase and rate_increase_is_significant(
+                s.errors, s.requests, c.errors, c.requests):
             return Breach("error_rate", {**base, "increase": increase, "limit": rules.error_rate_increase})
         increase = canary["fallback_rate"] - stable["fallback_rate"]
-        if increase > rules.fallback_rate_increase:
+        if increase > rules.fallback_rate_increase and rate_increase_is_significant(
+                s.fallbacks, s.instances, c.fallbacks, c.instances):
             return Breach("fallback_rate", {**base, "increase": increase, "limit": rules.fallback_rate_increase})
         if stable["p95_latency_seconds"] > 0:
             ratio = canary["p95_latency_seconds"] / stable["p95_latency_seconds"]
-            # Sub-millisecond jitter is not a regression: compare only when the canary is slow in absolute terms too.
-            if ratio > rules.p95_latency_ratio and canary["p95_latency_seconds"] > 0.002:
+            # On a busy machine a p95 over a few hundred requests jitters by milliseconds; only a
+            # difference above the floor can be the canary's own slowness.
+            excess = canary["p95_latency_seconds"] - stable["p95_latency_seconds"]
+            if ratio > rules.p95_latency_ratio and excess * 1000 > rules.latency_floor_ms:
                 return Breach("latency", {**base, "ratio": ratio, "limit": rules.p95_latency_ratio})
-        assert self.stable.histogram is not None and self.canary.histogram is not None
-        shift = psi(self.stable.histogram, self.canary.histogram)
-        if shift > rules.prediction_shift:
-            return Breach("prediction_shift", {**base, "psi": shift, "limit": rules.prediction_shift})
+        assert s.histogram is not None and c.histogram is not None
+        shift = psi(s.histogram, c.histogram)
+        n_s, n_c = int(s.histogram.sum()), int(c.histogram.sum())
+        if n_s and n_c:
+            # n_eff * PSI is roughly chi-square with (buckets - 1) degrees of freedom under no shift,
+            # so (buckets - 1) / n_eff is the PSI that sampling noise alone produces on average.
+            n_eff = n_s * n_c / (n_s + n_c)
+            dof = int(((s.histogram + c.histogram) > 0).sum()) - 1
+            noise = dof / n_eff
+            if shift - noise > rules.prediction_shift and n_eff * shift > chi2_quantile(dof):
+                return Breach("prediction_shift", {**base, "psi": shift, "psi_noise": noise,
+                                                   "limit": rules.prediction_shift})
         return None
 
     def summary(self) -> dict[str, Any]:

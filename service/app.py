@@ -252,9 +252,9 @@ class Vigil:
         """Apply deploy.yaml now; an invalid file is refused and the current routing keeps serving."""
         try:
             _check_admin(request, self.settings.admin_token)
-            ok = await anyio.to_thread.run_sync(self.control.reload, "admin request")
-            if not ok:
-                load_deploy(self.settings.deploy)  # raises the validation error to show the client
+            refused = await anyio.to_thread.run_sync(self.control.reload, "admin request")
+            if refused is not None:
+                raise refused
         except VigilError as exc:
             return _json(error_body(exc), exc.status_code)
         return _json({"reloaded": True, "models": self.server.describe()})

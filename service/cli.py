@@ -146,3 +146,157 @@ def main() -> None:  # pragma: no cover - console entry point
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# ---------------------------------------------------------------------- deploy
+
+
+deploy_app = typer.Typer(help="Stable and canary versions: status, canary, promote, rollback.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+DeployOption = typer.Option(None, "--deploy", help="Deploy config (default: $VIGIL_DEPLOY, else ./deploy.yaml).")
+DataDirOption = typer.Option(None, "--data-dir", help="Data directory (default: $VIGIL_DATA_DIR, else ./var).")
+UrlOption = typer.Option("http://127.0.0.1:3000", "--url", envvar="VIGIL_URL", help="The running service, asked to reload.")
+
+
+def _data_dir(data_dir: Optional[Path]) -> Path:
+    return data_dir or Path(os.environ.get("VIGIL_DATA_DIR", "var"))
+
+
+def _ask_reload(url: str) -> None:
+    """Ask the running service to reload now; it also notices the file change by itself within a second."""
+    import httpx
+
+    token = os.environ.get("VIGIL_ADMIN_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/admin/reload", headers=headers, timeout=30)
+    except httpx.HTTPError:
+        out.print(f"service at {url} not reachable; a running service picks the change up from the file")
+        return
+    if response.status_code == 200:
+        out.print(f"service at {url} reloaded")
+    else:
+        out.print(f"service at {url} did not reload now ({response.status_code}); it picks the change up from the file")
+
+
+def _edit(deploy: Optional[Path], registry: Optional[Path], change: Any) -> Any:
+    from service.deploy import deploy_path, edit_deploy
+    from service.registry import Registry
+
+    reg = Registry(registry)
+    versions = {name: reg.versions(name) for name in reg.names()}
+    try:
+        return edit_deploy(deploy_path(deploy), change, versions)
+    except VigilError as exc:
+        _fail(exc.message)
+
+
+@deploy_app.command("status")
+def deploy_status(
+    deploy: Optional[Path] = DeployOption,
+    data_dir: Optional[Path] = DataDirOption,
+    registry: Optional[Path] = RegistryOption,
+    url: str = UrlOption,
+) -> None:
+    """Stable, canary, traffic, live comparison figures and the last rollback of every model."""
+    import httpx
+
+    from service.deploy import load_deploy, load_state
+    from service.registry import Registry
+
+    try:
+        config = load_deploy(deploy)
+        state = load_state(_data_dir(data_dir))
+    except VigilError as exc:
+        _fail(exc.message)
+    live: dict[str, Any] = {}
+    try:
+        live = {m["name"]: m for m in httpx.get(f"{url.rstrip('/')}/models", timeout=5).json()["models"]}
+    except (httpx.HTTPError, ValueError, KeyError):
+        out.print(f"(service at {url} not reachable: no live figures)")
+    reg = Registry(registry)
+    table = Table("model", "stable", "canary", "traffic", "live canary vs stable", "last rollback")
+    for name in sorted(set(reg.names()) | set(config.models)):
+        policy = config.policy(name)
+        stable = policy.stable or (reg.versions(name) or ["-"])[-1]
+        canary = policy.canary.version if policy.canary else "-"
+        traffic = f"{state.canary_traffic(name, policy):.2f}" + (f" (of {policy.canary.traffic:.2f})" if policy.canary else "")
+        figures = "-"
+        comparison = (live.get(name, {}).get("canary") or {}).get("comparison")
+        if comparison:
+            s, c = comparison["stable"], comparison["canary"]
+            figures = (f"req {int(c['requests'])}/{int(s['requests'])}, err {c['error_rate']:.3f}/{s['error_rate']:.3f}, "
+                       f"p95 {c['p95_latency_seconds'] * 1000:.1f}/{s['p95_latency_seconds'] * 1000:.1f} ms, "
+                       f"psi {comparison['prediction_psi']:.3f}")
+        record = state.rollbacks.get(name)
+        last = f"{record.version}: {record.reason} at {record.at:%Y-%m-%d %H:%M:%S} ({record.by})" if record else "-"
+        table.add_row(name, stable, canary, traffic, figures, last)
+    out.print(table)
+
+
+@deploy_app.command("canary")
+def deploy_canary(
+    model: str = typer.Argument(...),
+    version: str = typer.Argument(...),
+    traffic: float = typer.Option(0.1, "--traffic", min=0.0, max=1.0, help="Share of requests for the canary."),
+    deploy: Optional[Path] = DeployOption,
+    data_dir: Optional[Path] = DataDirOption,
+    registry: Optional[Path] = RegistryOption,
+    url: str = UrlOption,
+) -> None:
+    """Start (or re-enable) a canary: VERSION gets --traffic of MODEL's requests."""
+    from service.deploy import clear_rollback, set_canary
+
+    _edit(deploy, registry, lambda doc: set_canary(doc, model, version, traffic))
+    clear_rollback(_data_dir(data_dir), model)
+    out.print(f"{model}: canary {version} at {traffic:.0%} of requests")
+    _ask_reload(url)
+
+
+@deploy_app.command("promote")
+def deploy_promote(
+    model: str = typer.Argument(...),
+    deploy: Optional[Path] = DeployOption,
+    data_dir: Optional[Path] = DataDirOption,
+    registry: Optional[Path] = RegistryOption,
+    url: str = UrlOption,
+) -> None:
+    """Make MODEL's canary its stable version."""
+    from service.deploy import clear_rollback, promote
+
+    promoted: list[str] = []
+    _edit(deploy, registry, lambda doc: promoted.append(promote(doc, model)))
+    clear_rollback(_data_dir(data_dir), model)
+    out.print(f"{model}: {promoted[0]} is now stable")
+    _ask_reload(url)
+
+
+@deploy_app.command("rollback")
+def deploy_rollback(
+    model: str = typer.Argument(...),
+    to: Optional[str] = typer.Option(None, "--to", help="Serve this version as stable (drops the canary)."),
+    deploy: Optional[Path] = DeployOption,
+    data_dir: Optional[Path] = DataDirOption,
+    registry: Optional[Path] = RegistryOption,
+    url: str = UrlOption,
+) -> None:
+    """Turn MODEL's canary off (it stays off until re-enabled), or serve --to VERSION as stable."""
+    from datetime import datetime, timezone
+
+    from service.deploy import RollbackRecord, load_deploy, record_rollback, rollback_to
+
+    if to is not None:
+        _edit(deploy, registry, lambda doc: rollback_to(doc, model, to))
+        out.print(f"{model}: stable is {to}, no canary")
+    else:
+        try:
+            policy = load_deploy(deploy).policy(model)
+        except VigilError as exc:
+            _fail(exc.message)
+        if policy.canary is None:
+            _fail(f"models.{model}.canary: there is no canary to roll back (use --to VERSION)")
+        record_rollback(_data_dir(data_dir), model, RollbackRecord(
+            version=policy.canary.version, reason="manual", at=datetime.now(timezone.utc), by="operator"))
+        out.print(f"{model}: canary {policy.canary.version} rolled back; stable serves every request")
+    _ask_reload(url)

@@ -62,8 +62,8 @@ class ControlLoop:
             self.reload("file change")
         self.server.check_canaries()
 
-    def reload(self, why: str) -> bool:
-        """Reload now; an invalid config is refused, counted and logged, and the old routing keeps serving."""
+    def reload(self, why: str) -> DeployConfigError | None:
+        """Reload now; an invalid config is refused, counted, logged and returned, and the old routing keeps serving."""
         metrics = self.server.metrics
         try:
             self.server.reload()
@@ -71,8 +71,8 @@ class ControlLoop:
             log.error("deploy config refused (%s), the last good config keeps serving: %s", why, exc.message)
             if metrics is not None:
                 metrics.deploy_reload_errors.inc()
-            return False
+            return exc
         log.info("deploy config reloaded (%s)", why)
         if metrics is not None:
             metrics.deploy_reloads.inc()
-        return True
+        return None

@@ -41,6 +41,8 @@ class RollbackRules(BaseModel):
     min_requests: int = Field(200, ge=1)
     error_rate_increase: float = Field(0.02, ge=0, le=1)
     p95_latency_ratio: float = Field(1.5, gt=1)
+    latency_floor_ms: float = Field(5.0, ge=0)
+    """Latency is judged only once the canary's p95 exceeds stable's by this much: sub-floor jitter is noise."""
     fallback_rate_increase: float = Field(0.05, ge=0, le=1)
     prediction_shift: float = Field(0.2, gt=0)
     """Largest allowed distance between canary and stable prediction distributions (PSI)."""

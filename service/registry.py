@@ -8,6 +8,7 @@ crash never leaves half a version behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -262,7 +263,8 @@ class Registry:
         """Registered model names, sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and _NAME_RE.match(p.name) and self.versions(p.name))
 
     def versions(self, name: str) -> list[str]:
         """Versions of a model, oldest first (numeric versions in numeric order)."""
@@ -559,7 +561,7 @@ def register_model(
                 labels = []
                 for col in range(probs.shape[1]):
                     hits = predicted[probs[complete].argmax(axis=1) == col]
-                    labels.append(hits[0].item() if len(hits) else None)
+                    labels.append(hits[0] if len(hits) else None)
                 if any(lbl is None for lbl in labels):
                     if target is None:
                         raise RegistryError("cannot tell the class labels: pass --target so they can be read from the reference data")
@@ -609,15 +611,7 @@ def register_model(
             handles_missing=handles_missing,
             fallback=fallback_spec,
             target=target,
-            training=Training(
-                dataset_fingerprint=_fingerprint(frame),
-                rows=int(meta.pop("train_rows", len(frame))),
-                parameters=meta.pop("parameters", {}),
-                metrics={k: float(v) for k, v in meta.pop("metrics", {}).items()},
-                code_revision=meta.pop("code_revision", None) or _git_revision(Path(model_file).resolve().parent),
-                created_at=datetime.now(timezone.utc),
-                **meta,
-            ),
+            training=_training(frame, meta, Path(model_file)),
             sha256=sha256_file(model_path),
         )
     except ValidationError as exc:
@@ -625,6 +619,25 @@ def register_model(
         raise RegistryError(f"the inferred card is invalid: {problems}") from exc
     _write_version(reg, card, model_path, reference)
     return card
+
+
+def _training(frame: Any, meta: dict[str, Any], model_file: Path) -> Training:
+    """The card's training section from ``--metadata``; a RegistryError when the metadata cannot go on a card."""
+    reserved = sorted({"dataset_fingerprint", "rows", "created_at"} & set(meta))
+    if reserved:
+        raise RegistryError(f"metadata key(s) {reserved} are set by the registry (use 'train_rows' for the row count)")
+    try:
+        return Training(
+            dataset_fingerprint=_fingerprint(frame),
+            rows=int(meta.pop("train_rows", len(frame))),
+            parameters=meta.pop("parameters", {}),
+            metrics={k: float(v) for k, v in meta.pop("metrics", {}).items()},
+            code_revision=meta.pop("code_revision", None) or _git_revision(model_file.resolve().parent),
+            created_at=datetime.now(timezone.utc),
+            **meta,
+        )
+    except (TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise RegistryError(f"invalid metadata: {exc}") from exc
 
 
 def _fingerprint(frame: Any) -> str:
@@ -664,7 +677,9 @@ def _write_version(reg: Registry, card: ModelCard, model_path: Path, reference: 
         try:
             os.rename(staging, final)
         except OSError as exc:
-            raise RegistryError(f"{card.name}:{card.version} already exists; versions are immutable") from exc
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise RegistryError(f"{card.name}:{card.version} already exists; versions are immutable") from exc
+            raise RegistryError(f"cannot write {final}: {exc.strerror or exc}") from exc
         dir_fd = os.open(model_dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

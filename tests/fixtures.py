@@ -23,6 +23,9 @@ WINE_NUMERIC = ["alcohol", "malic_acid", "flavanoids", "color_intensity", "proli
 WINE_CATEGORICAL = "hue_band"
 """A string feature derived from the wine 'hue' column: 'low', 'mid' or 'high'."""
 
+NonFinite = Literal["divide_by_zero", "log_of_negative"]
+"""How :func:`nonfinite_model` breaks its output."""
+
 
 @dataclass(frozen=True)
 class Fitted:
@@ -124,7 +127,7 @@ def export(estimator: Any, initial_types: list[tuple[str, Any]], *, zipmap: bool
     return onx.SerializeToString()
 
 
-def nonfinite_model(n_features: int, kind: Literal["divide_by_zero", "log_of_negative"]) -> bytes:
+def nonfinite_model(n_features: int, kind: NonFinite) -> bytes:
     """A hand-made regressor over a ``[None, n]`` float input whose every output is NaN or inf.
 
     ``divide_by_zero`` computes ``X / 0``; ``log_of_negative`` computes ``Log(-|X| - 1)``.
@@ -151,16 +154,22 @@ def nonfinite_model(n_features: int, kind: Literal["divide_by_zero", "log_of_neg
     return model.SerializeToString()
 
 
+def write_reference(dest: Path, frame: pd.DataFrame, suffix: str = ".parquet") -> Path:
+    """Write ``reference<suffix>`` under ``dest``: parquet, csv, or (any other suffix) JSON."""
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / f"reference{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        path.write_text(frame.to_json())
+    return path
+
+
 def write_artefacts(dest: Path, model: bytes | Path, reference: pd.DataFrame, suffix: str = ".parquet") -> Artefacts:
     """Write ``model.onnx`` (bytes, or a copy of a file) and ``reference<suffix>`` under ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     model_path = dest / "model.onnx"
     model_path.write_bytes(model.read_bytes() if isinstance(model, Path) else model)
-    reference_path = dest / f"reference{suffix}"
-    if suffix == ".csv":
-        reference.to_csv(reference_path, index=False)
-    elif suffix == ".parquet":
-        reference.to_parquet(reference_path, index=False)
-    else:
-        reference_path.write_text(reference.to_json())
-    return Artefacts(model_path, reference_path)
+    return Artefacts(model_path, write_reference(dest, reference, suffix))

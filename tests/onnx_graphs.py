@@ -111,3 +111,47 @@ def small_reference(path: Path, rows: int = 60, x0: tuple[float, float] = (0.0, 
     frame["target"] = np.sqrt(frame["x0"]) + frame["x1"] if target_of == "sqrt" else frame["x0"] + frame["x1"]
     frame.to_parquet(path, index=False)
     return path
+
+
+def modified_regressor(src: Path, dst: Path, *, offset: float = 0.0, fail_feature: int | None = None,
+                       fail_above: int = 2, delay_iterations: int = 0) -> Path:
+    """A copy of a one-input regressor with its output changed: shifted by ``offset``, failing when
+    feature ``fail_feature`` exceeds ``fail_above`` (a Gather out of bounds), or slowed by a loop."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    out_name = graph.output[0].name
+    raw = f"{out_name}_raw"
+    for node in graph.node:
+        node.output[:] = [raw if o == out_name else o for o in node.output]
+    input_name = graph.input[0].name
+    nodes: list[onnx.NodeProto] = []
+    inits = [helper.make_tensor("vigil_offset", TensorProto.FLOAT, [], [offset])]
+    current = raw
+    if fail_feature is not None:
+        inits += [helper.make_tensor("vigil_col", TensorProto.INT64, [1], [fail_feature]),
+                  helper.make_tensor("vigil_table", TensorProto.FLOAT, [fail_above + 1], [0.0] * (fail_above + 1))]
+        nodes += [helper.make_node("Gather", [input_name, "vigil_col"], ["vigil_picked"], axis=1),
+                  helper.make_node("Cast", ["vigil_picked"], ["vigil_idx"], to=TensorProto.INT64),
+                  helper.make_node("Gather", ["vigil_table", "vigil_idx"], ["vigil_zero"], axis=0),
+                  helper.make_node("Add", [current, "vigil_zero"], ["vigil_checked"])]
+        current = "vigil_checked"
+    if delay_iterations:
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+             helper.make_node("Identity", ["acc_in"], ["acc_out"])],
+            "vigil_spin",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [None, 1])],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [None, 1])])
+        inits += [helper.make_tensor("vigil_trips", TensorProto.INT64, [], [delay_iterations]),
+                  helper.make_tensor("vigil_true", TensorProto.BOOL, [], [True])]
+        nodes.append(helper.make_node("Loop", ["vigil_trips", "vigil_true", current], ["vigil_slow"], body=body))
+        current = "vigil_slow"
+    nodes.append(helper.make_node("Add", [current, "vigil_offset"], [out_name]))
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    onnx.checker.check_model(model)
+    dst.write_bytes(model.SerializeToString())
+    return dst

@@ -157,3 +157,41 @@ def test_deploy_versions_must_exist() -> None:
         check_versions(config, {"cancer": ["1", "2"]})
     assert "models.cancer.canary.version" in info.value.message and "models.ghost" in info.value.message
     assert parse_deploy("").policy("anything").on_drift == "alert"
+
+
+def _comparison(stable_scores: np.ndarray, canary_scores: np.ndarray, stable_errors: int = 0,
+                canary_errors: int = 0) -> "CanaryComparison":
+    from monitoring.canary import CanaryComparison
+
+    comparison = CanaryComparison("m", "1", "2", list(np.linspace(0.1, 0.9, 9)))
+    for i, score in enumerate(stable_scores):
+        comparison.stable.record(0.001, 1, 0, i < stable_errors, np.array([score]))
+    for i, score in enumerate(canary_scores):
+        comparison.canary.record(0.001, 1, 0, i < canary_errors, np.array([score]))
+    return comparison
+
+
+def test_canary_from_the_same_distribution_is_not_judged_shifted() -> None:
+    from service.deploy import RollbackRules
+
+    rng = np.random.default_rng(0)
+    for seed in range(20):  # small samples: raw PSI alone is often above 0.2 here
+        rng = np.random.default_rng(seed)
+        comparison = _comparison(rng.uniform(0, 1, 120), rng.uniform(0, 1, 45))
+        assert comparison.evaluate(RollbackRules(min_requests=40)) is None
+
+
+def test_shifted_or_erroring_canary_breaches() -> None:
+    from service.deploy import RollbackRules
+
+    rng = np.random.default_rng(1)
+    shifted = _comparison(rng.uniform(0, 1, 300), rng.uniform(0.5, 1, 100))
+    breach = shifted.evaluate(RollbackRules(min_requests=40))
+    assert breach is not None and breach.reason == "prediction_shift" and breach.figures["psi"] > 0.2
+    erroring = _comparison(rng.uniform(0, 1, 300), rng.uniform(0, 1, 100), stable_errors=3, canary_errors=30)
+    breach = erroring.evaluate(RollbackRules(min_requests=40))
+    assert breach is not None and breach.reason == "error_rate"
+    one_error = _comparison(rng.uniform(0, 1, 300), rng.uniform(0, 1, 45), canary_errors=1)
+    assert one_error.evaluate(RollbackRules(min_requests=40)) is None  # 1/45 is not evidence
+    too_early = _comparison(rng.uniform(0, 1, 300), rng.uniform(0.5, 1, 30))
+    assert too_early.evaluate(RollbackRules(min_requests=40)) is None

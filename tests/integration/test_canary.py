@@ -1,0 +1,240 @@
+"""Canary and rollback from deploy.yaml, against the real service, with real second versions of a model.
+
+diabetes:1 is the example model; :2 is an identical copy (a healthy canary),
+:3 answers 80 higher (shifted predictions), :4 fails for ``sex`` > 2 (errors),
+:5 spins ~15 ms per call (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.registry import register_model
+from tests.onnx_graphs import modified_regressor
+from tests.servers import VigilServer, metric_value, vigil_server
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-admin-token"
+RULES = {"min_requests": 40, "error_rate_increase": 0.02, "p95_latency_ratio": 1.5,
+         "fallback_rate_increase": 0.05, "prediction_shift": 0.2}
+
+
+@pytest.fixture(scope="module")
+def registry(example_registry: Path, trained_examples: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("canary")
+    root = work / "models"
+    shutil.copytree(example_registry, root)
+    src = trained_examples["diabetes"] / "model.onnx"
+    reference = trained_examples["diabetes"] / "reference.parquet"
+    for version, changes in [("2", {}), ("3", {"offset": 80.0}), ("4", {"fail_feature": 1}),
+                             ("5", {"delay_iterations": 20000})]:
+        model = modified_regressor(src, work / f"v{version}.onnx", **changes)
+        register_model("diabetes", model, reference, target="target", registry=root, version=version)
+    return root
+
+
+@pytest.fixture(scope="module")
+def rows(registry: Path) -> list[dict[str, Any]]:
+    frame = pd.read_parquet(registry / "diabetes" / "1" / "reference.parquet")
+    return frame.drop(columns=["target", "prediction"]).to_dict(orient="records")
+
+
+@pytest.fixture
+def deploy(tmp_path: Path) -> Path:
+    return tmp_path / "deploy.yaml"
+
+
+def write_deploy(path: Path, canary: str | None, traffic: float = 0.5, sticky: bool = True) -> None:
+    model: dict[str, Any] = {"stable": "1"}
+    if canary is not None:
+        model["canary"] = {"version": canary, "traffic": traffic, "sticky": sticky, "rollback_when": RULES}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("# canary test config\n" + yaml.safe_dump({"models": {"diabetes": model}}))
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def server_factory(registry: Path, deploy: Path, tmp_path: Path) -> Iterator[Any]:
+    """Start servers sharing one data dir and deploy file (so a restart sees the same state)."""
+    data_dir = tmp_path / "var"
+    env = {"VIGIL_DEPLOY": str(deploy), "VIGIL_DATA_DIR": str(data_dir), "VIGIL_ADMIN_TOKEN": TOKEN,
+           "VIGIL_CONTROL_INTERVAL_SECONDS": "0.2"}
+
+    def start() -> Any:
+        return vigil_server(registry, env=env)
+
+    yield start
+
+
+def send(server: VigilServer, rows: list[dict[str, Any]], n: int, key: str | None = None,
+         change: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    answers = []
+    for i in range(n):
+        row = dict(rows[i % len(rows)], **(change or {}))
+        body: dict[str, Any] = {"model": "diabetes", "instances": [row]}
+        body["key"] = key if key is not None else f"user-{i}"
+        response = server.post("/predict", json=body)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["predictions"][0])
+    return answers
+
+
+def canary_of(server: VigilServer) -> dict[str, Any]:
+    return {m["name"]: m for m in server.get("/models").json()["models"]}["diabetes"].get("canary") or {}
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_healthy_canary_keeps_its_share(server_factory: Any, deploy: Path, rows: list[dict[str, Any]]) -> None:
+    write_deploy(deploy, "2", traffic=0.3)
+    with server_factory() as server:
+        answers = send(server, rows, 300)
+        canary = [a for a in answers if a["variant"] == "canary"]
+        assert all(a["version"] == "2" for a in canary)
+        assert all(a["version"] == "1" for a in answers if a["variant"] == "stable")
+        # 300 draws at p=0.3: mean 90, sd 7.9; allow 4 sd.
+        assert 58 <= len(canary) <= 122
+        time.sleep(0.5)  # a monitor tick after min_requests
+        info = canary_of(server)
+        assert info["version"] == "2" and info["traffic"] == 0.3
+        assert info["comparison"]["canary"]["requests"] >= RULES["min_requests"]
+        sticky = {a["variant"] for a in send(server, rows, 20, key="always-the-same")}
+        assert len(sticky) == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "reason", "change"),
+    [("3", "prediction_shift", None), ("4", "error_rate", {"sex": 3.0}), ("5", "latency", None)],
+    ids=["shifted", "errors", "slow"],
+)
+def test_bad_canary_is_rolled_back_and_stays_off_after_restart(
+        server_factory: Any, deploy: Path, rows: list[dict[str, Any]], version: str, reason: str,
+        change: dict[str, Any] | None, tmp_path: Path) -> None:
+    write_deploy(deploy, version, traffic=0.5, sticky=False)
+    with server_factory() as server:
+        for _ in range(6):
+            send(server, rows, 50, change=change)
+            if canary_of(server).get("traffic") == 0:
+                break
+            time.sleep(0.3)
+        wait_for(lambda: canary_of(server).get("traffic") == 0)
+        listed = {m["name"]: m for m in server.get("/models").json()["models"]}["diabetes"]
+        assert listed["last_rollback"]["version"] == version and listed["last_rollback"]["reason"] == reason
+        assert listed["last_rollback"]["figures"]["canary"]["requests"] >= RULES["min_requests"]
+        after = send(server, rows, 30, change=change)
+        assert {a["version"] for a in after} == {"1"}
+        text = server.metrics_text()
+        assert metric_value(text, "vigil_rollbacks_total", model="diabetes", version=version, reason=reason) == 1
+        assert metric_value(text, "vigil_canary_traffic_ratio", model="diabetes", version=version) == 0
+    state = json.loads((tmp_path / "var" / "deploy_state.json").read_text())
+    assert state["rollbacks"]["diabetes"]["version"] == version
+    with server_factory() as restarted:
+        assert canary_of(restarted)["traffic"] == 0
+        assert {a["version"] for a in send(restarted, rows, 20)} == {"1"}
+
+
+def test_hot_reload_under_load_loses_no_request(server_factory: Any, deploy: Path, rows: list[dict[str, Any]]) -> None:
+    write_deploy(deploy, None)
+    with server_factory() as server:
+        failures: list[str] = []
+        versions: set[str] = set()
+        stop = threading.Event()
+
+        def stream() -> None:
+            i = 0
+            while not stop.is_set():
+                response = server.client.post("/predict", json={"model": "diabetes", "instances": [rows[i % 50]],
+                                                                "key": f"k{i}"})
+                i += 1
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+                else:
+                    versions.add(response.json()["predictions"][0]["version"])
+
+        worker = threading.Thread(target=stream)
+        worker.start()
+        try:
+            for canary, traffic in [("2", 0.5), ("2", 0.9), (None, 0.0), ("2", 0.5)]:
+                write_deploy(deploy, canary, traffic)
+                time.sleep(0.8)
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+        assert failures == []
+        assert versions == {"1", "2"}
+        assert metric_value(server.metrics_text(), "vigil_deploy_reloads_total") >= 3
+
+
+def test_invalid_deploy_config_is_refused_and_the_old_one_serves(server_factory: Any, deploy: Path,
+                                                                 rows: list[dict[str, Any]]) -> None:
+    write_deploy(deploy, "2", traffic=0.5)
+    with server_factory() as server:
+        deploy.write_text("models:\n  diabetes:\n    stable: '1'\n    canary: {version: '2', traffic: 7}\n")
+        wait_for(lambda: (metric_value(server.metrics_text(), "vigil_deploy_reload_errors_total") or 0) >= 1)
+        assert canary_of(server)["traffic"] == 0.5
+        response = server.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 400 and "models.diabetes.canary.traffic" in response.json()["error"]["message"]
+        deploy.write_text("models:\n  diabetes:\n    stable: '99'\n")
+        response = server.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 400 and "models.diabetes.stable" in response.json()["error"]["message"]
+        assert {a["version"] for a in send(server, rows, 40)} == {"1", "2"}
+
+
+def test_admin_endpoints_refuse_missing_or_wrong_tokens(server_factory: Any, deploy: Path) -> None:
+    write_deploy(deploy, "2")
+    with server_factory() as server:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN}):
+            for path in ("/admin/reload", "/admin/rollback", "/admin/promote"):
+                response = server.post(path, headers=headers, json={"model": "diabetes"})
+                assert response.status_code == 401, (path, headers, response.text)
+                assert response.json()["error"]["code"] == "unauthorized"
+        assert canary_of(server)["traffic"] == 0.5
+        ok = server.post("/admin/rollback", headers={"Authorization": f"Bearer {TOKEN}"}, json={"model": "diabetes"})
+        assert ok.status_code == 200 and canary_of(server)["traffic"] == 0
+        again = server.post("/admin/rollback", headers={"Authorization": f"Bearer {TOKEN}"}, json={"model": "diabetes"})
+        assert again.status_code == 409
+
+
+def test_cli_round_trips_canary_promote_and_rollback(server_factory: Any, deploy: Path, registry: Path,
+                                                     rows: list[dict[str, Any]], tmp_path: Path) -> None:
+    write_deploy(deploy, None)
+    runner = CliRunner()
+    with server_factory() as server:
+        common = ["--deploy", str(deploy), "--registry", str(registry), "--data-dir", str(tmp_path / "var"),
+                  "--url", server.url]
+        env = {"VIGIL_ADMIN_TOKEN": TOKEN}
+        result = runner.invoke(cli, ["deploy", "canary", "diabetes", "2", "--traffic", "0.25", *common], env=env)
+        assert result.exit_code == 0, result.output
+        assert "# canary test config" in deploy.read_text()  # the operator's comments survive
+        wait_for(lambda: canary_of(server).get("traffic") == 0.25)
+        result = runner.invoke(cli, ["deploy", "promote", "diabetes", *common], env=env)
+        assert result.exit_code == 0, result.output
+        wait_for(lambda: {a["version"] for a in send(server, rows, 5)} == {"2"})
+        result = runner.invoke(cli, ["deploy", "rollback", "diabetes", "--to", "1", *common], env=env)
+        assert result.exit_code == 0, result.output
+        wait_for(lambda: {a["version"] for a in send(server, rows, 5)} == {"1"})
+        status = runner.invoke(cli, ["deploy", "status", *common], env=env)
+        assert status.exit_code == 0 and "diabetes" in status.output
+        refused = runner.invoke(cli, ["deploy", "canary", "diabetes", "42", *common], env=env)
+        assert refused.exit_code != 0 and "not registered" in refused.output
+        assert yaml.safe_load(deploy.read_text())["models"]["diabetes"]["stable"] == "1"
