@@ -81,6 +81,21 @@ class VigilMetrics:
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         self.registry = registry
         r = registry
+        self.http_requests = Counter(
+            "vigil_http_requests", "HTTP requests answered, by endpoint (a fixed set; unknown paths are 'other').",
+            ["endpoint", "method", "code"], registry=r)
+        self.http_duration = Histogram(
+            "vigil_http_request_duration_seconds", "Time to answer an HTTP request, by endpoint.",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.http_in_progress = Gauge(
+            "vigil_http_requests_in_progress", "HTTP requests being answered now, summed over workers.",
+            ["endpoint"], multiprocess_mode="livesum", registry=r)
+        self.overloaded = Counter(
+            "vigil_requests_overloaded", "Requests refused with 429 because the worker was at its concurrency limit.",
+            ["endpoint"], registry=r)
+        self.request_timeouts = Counter(
+            "vigil_request_timeouts", "Requests answered 504 because they ran past the request timeout.",
+            ["endpoint"], registry=r)
         self.request_duration = Histogram(
             "vigil_request_duration_seconds", "End-to-end time of a /predict request inside the service.",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
@@ -222,6 +237,20 @@ class VigilMetrics:
     def model_failed(self, name: str) -> None:
         """Mark a model as not serving (it failed to load)."""
         self.model_ready.labels(name).set(0)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text served at ``/metrics``: every worker's families merged in multiprocess mode, else this process's."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if multiproc_dir:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
 class _MergedFamily:

@@ -11,6 +11,7 @@ OpenAPI document (``/docs.json``), which includes these routes.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import uuid
@@ -27,7 +28,9 @@ from service.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
     VigilError,
@@ -47,7 +50,8 @@ from service.deploy import (
 from service.serving import ModelServer, worker_label
 from service.settings import Settings
 
-from monitoring.metrics import ProcessSampler, VigilMetrics
+from service.edge import EdgeMiddleware
+from monitoring.metrics import ProcessSampler, VigilMetrics, exposition
 from monitoring.predlog import PredictionLog
 
 log = logging.getLogger("vigil.app")
@@ -109,7 +113,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over the size limit, or more instances than allowed.",
         415: "The body is not JSON.",
         422: "Instances that do not match the model's input schema; details name the instance and field.",
-        503: "The model is registered but not ready.",
+        429: "The worker is at its concurrency limit; retry after the Retry-After seconds.",
+        503: "The model is registered but nothing can answer for it.",
+        504: "The request ran past the request timeout.",
     }.items()
 }
 
@@ -168,9 +174,13 @@ def _check_content_type(request: Request) -> None:
 @bentoml.service(
     name="vigil",
     workers=SETTINGS.workers,
-    traffic={"timeout": 30},
+    # BentoML's own timeout stays as the outer safety net; Vigil answers 504 itself, sooner.
+    traffic={"timeout": SETTINGS.request_timeout_seconds + 30},
     # Per-request access logs cost a log line per prediction; Prometheus counts requests.
     logging={"access": {"enabled": False}},
+    # BentoML's HTTP metrics label requests with the raw path (unbounded on 404s); the edge
+    # middleware exports bounded ones and Vigil serves /metrics itself.
+    metrics={"enabled": False},
 )
 @bentoml.asgi_app(http, path="/")
 class Vigil:
@@ -178,6 +188,7 @@ class Vigil:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
+        self._in_flight = 0
         settings = self.settings
         self.metrics = VigilMetrics() if settings.metrics_enabled else None
         self.predlog = PredictionLog(
@@ -206,6 +217,11 @@ class Vigil:
         """Ready once every model that can load has loaded (loading happens in ``__init__``)."""
         return True
 
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` answers: ready, and every model that does not serve from its own model, with why."""
+        return {"ready": self.__is_ready__(), "not_ready": self.server.not_ready(),
+                "models": {m["name"]: m["state"] for m in self.server.describe()}}
+
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         """Stop sampling and write every buffered prediction log row before the worker exits."""
@@ -231,6 +247,25 @@ class Vigil:
     async def predict(self, request: Request) -> Response:
         """Answer ``{"model", "instances", "key"}`` with one prediction per instance."""
         request_id = uuid.uuid4().hex
+        if self._in_flight >= self.settings.max_concurrency:
+            # Refuse at once, before reading the body: queueing would only add latency to
+            # every request while the worker is saturated.
+            if self.metrics is not None:
+                self.metrics.overloaded.labels("/predict").inc()
+            busy = Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
+            return _json(error_body(busy), busy.status_code, {"Retry-After": "1", "X-Request-ID": request_id})
+        self._in_flight += 1
+        try:
+            return await asyncio.wait_for(self._predict(request, request_id), self.settings.request_timeout_seconds)
+        except asyncio.TimeoutError:
+            if self.metrics is not None:
+                self.metrics.request_timeouts.labels("/predict").inc()
+            late = RequestTimeout(f"the request took longer than {self.settings.request_timeout_seconds:g} s")
+            return _json(error_body(late), late.status_code, {"X-Request-ID": request_id})
+        finally:
+            self._in_flight -= 1
+
+    async def _predict(self, request: Request, request_id: str) -> Response:
         model: str | None = None
         try:
             _check_content_type(request)
@@ -298,10 +333,18 @@ class Vigil:
             return _json(error_body(exc), exc.status_code)
         return _json({"model": body.model, "stable": promoted[0]})
 
+    @http.get("/metrics", summary="Prometheus metrics of every worker", include_in_schema=True)
+    async def metrics_endpoint(self) -> Response:
+        """The ``vigil_`` families, merged over all workers (Prometheus multiprocess mode)."""
+        text, content_type = await anyio.to_thread.run_sync(exposition)
+        return Response(text, media_type=content_type)
+
     @http.get("/models", summary="Registered models and the versions they serve")
     async def models(self) -> Response:
         """Every registered model: version, task, features, sha256, load time, or why it is not ready."""
         return _json({"models": self.server.describe()})
 
+
+Vigil.add_asgi_middleware(EdgeMiddleware)
 
 __all__ = ["Vigil", "http"]

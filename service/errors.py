@@ -95,6 +95,20 @@ class Conflict(VigilError):
     code = "conflict"
 
 
+class Overloaded(VigilError):
+    """The worker is at its concurrency limit."""
+
+    status_code = 429
+    code = "overloaded"
+
+
+class RequestTimeout(VigilError):
+    """The request ran past the request timeout."""
+
+    status_code = 504
+    code = "timeout"
+
+
 class RegistryError(VigilError):
     """A model cannot be registered or read from the registry; the message says why."""
 

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     control_interval_seconds: float = Field(1.0, gt=0, le=60)
     """How often each worker re-reads deploy.yaml, the rollback state and drift verdicts, and checks canaries."""
 
+    max_concurrency: int = Field(64, ge=1)
+    """Requests a worker answers at once; more get 429 with Retry-After at once (health and metrics are exempt)."""
+
+    request_timeout_seconds: float = Field(10.0, gt=0)
+    """A request still running after this long is answered 504 (model calls have their own, shorter budget)."""
+
     workers: int = Field(1, ge=1)
     """HTTP worker processes (``vigil serve --workers``)."""
 

@@ -213,3 +213,35 @@ def test_answered_instances_reach_the_prediction_log(server: VigilServer, regist
     assert mine["prediction"].tolist() == [p["label"] for p in answer["predictions"]]
     assert mine["mean radius"].tolist() == [r["mean radius"] for r in rows]
     assert mine["prediction_score"].tolist() == pytest.approx([p["probabilities"]["1"] for p in answer["predictions"]])
+
+
+def test_readyz_names_the_model_that_is_not_ready(server: VigilServer) -> None:
+    response = server.get("/readyz")
+    assert response.status_code == 200  # the other models serve
+    body = response.json()
+    assert body["ready"] is True and "sha256" in body["not_ready"]["broken"]
+    assert body["models"]["cancer"] == "serving" and "cancer" not in body["not_ready"]
+
+
+def test_unknown_paths_create_no_label_values(server: VigilServer) -> None:
+    import uuid
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(50):
+        assert server.get(f"/{uuid.uuid4().hex}").status_code == 404
+        assert server.post(f"/predict/{uuid.uuid4().hex}", json={}).status_code in (404, 405)
+    families = list(text_string_to_metric_families(server.metrics_text()))
+    endpoints = {s.labels["endpoint"] for f in families for s in f.samples if "endpoint" in s.labels}
+    assert endpoints <= {"/predict", "/models", "/docs.json", "/admin/reload", "/admin/rollback", "/admin/promote",
+                         "/feedback", "/", "other"}
+    series = sum(len(f.samples) for f in families)
+    for _ in range(50):
+        server.get(f"/{uuid.uuid4().hex}")
+    assert sum(len(f.samples) for f in text_string_to_metric_families(server.metrics_text())) == series
+
+
+def test_admin_endpoints_are_disabled_without_a_token(server: VigilServer) -> None:
+    for path in ("/admin/reload", "/admin/rollback", "/admin/promote"):
+        response = server.post(path, json={"model": "cancer"}, headers={"Authorization": "Bearer anything"})
+        assert response.status_code == 403 and response.json()["error"]["code"] == "admin_disabled"

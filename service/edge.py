@@ -1,0 +1,90 @@
+"""The outer edge of every request: bounded HTTP metrics and a readiness answer that names models.
+
+An ASGI middleware added to the BentoML service, so it sees every path,
+including BentoML's own ``/livez`` and ``/readyz``. BentoML's HTTP metrics are
+switched off because they label requests with the raw path (every random 404
+became a new series); here the ``endpoint`` label takes values from a fixed
+set and everything else is ``other``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ENDPOINTS = frozenset({"/predict", "/feedback", "/models", "/metrics", "/livez", "/healthz", "/readyz",
+                       "/admin/reload", "/admin/rollback", "/admin/promote", "/docs.json", "/"})
+UNTRACKED = frozenset({"/metrics", "/livez", "/healthz", "/readyz"})
+"""Probes and scrapes: answered, but not counted as traffic."""
+
+
+def endpoint_label(path: str) -> str:
+    """The bounded ``endpoint`` label value of a request path."""
+    return path if path in ENDPOINTS else "other"
+
+
+class EdgeMiddleware:
+    """Counts requests by bounded endpoint and answers ``/readyz`` with per-model readiness."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._children: dict[tuple[str, str, int], Any] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        service = _service()
+        if path == "/readyz" and service is not None:
+            await _ready(service, send)
+            return
+        metrics = getattr(service, "metrics", None) if service is not None else None
+        if metrics is None or path in UNTRACKED:
+            await self.app(scope, receive, send)
+            return
+        endpoint = endpoint_label(path)
+        status = [500]
+
+        async def recording_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        in_progress = metrics.http_in_progress.labels(endpoint)
+        in_progress.inc()
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            in_progress.dec()
+            metrics.http_duration.labels(endpoint).observe(time.perf_counter() - started)
+            key = (endpoint, scope.get("method", "GET"), status[0])
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = metrics.http_requests.labels(key[0], key[1], str(key[2]))
+            child.inc()
+
+
+def _service() -> Any:
+    try:
+        import bentoml
+
+        return bentoml.get_current_service()
+    except Exception:  # noqa: BLE001 - not instantiated yet (start-up): BentoML's own handling applies
+        return None
+
+
+async def _ready(service: Any, send: Send) -> None:
+    report = service.readiness()
+    body = orjson.dumps(report)
+    await send({"type": "http.response.start", "status": 200 if report["ready"] else 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
