@@ -107,11 +107,10 @@ class VigilMetrics:
             ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
         self.predictions = Counter(
             "vigil_predictions", "Instances answered.", ["model", "version", "variant"], registry=r)
-        # Buckets differ per model and a histogram object has one layout, so each layout
-        # gets its own object under the same name, exported as one family (see below).
-        self._prediction_value_families: dict[tuple[float, ...], Histogram] = {}
-        if registry is not None:
-            registry.register(_MergedFamily(self._prediction_value_families))
+        # Some histograms take their buckets from each model's reference data, and a histogram
+        # object has one layout: each layout gets its own object under the same name, and one
+        # collector exports them as one family (see per_model_histogram()).
+        self._layouts: dict[str, dict[tuple[float, ...], Histogram]] = {}
         self.predicted_class = Counter(
             "vigil_predicted_class", "Classification outputs by class.",
             ["model", "version", "variant", "class"], registry=r)
@@ -182,6 +181,27 @@ class VigilMetrics:
         self.deploy_reload_errors = Counter(
             "vigil_deploy_reload_errors", "Deploy config reloads refused (invalid file); the last good config serves.",
             registry=r)
+        self.feedback = Counter(
+            "vigil_feedback", "Ground-truth values accepted (duplicates are not counted).", ["model", "version"],
+            registry=r)
+        self.feedback_unmatched = Counter(
+            "vigil_feedback_unmatched", "Feedback refused because its request id is not in the prediction log.",
+            ["model"], registry=r)
+        self.feedback_correct = Counter(
+            "vigil_feedback_correct", "Classification feedback whose actual label equals the served prediction.",
+            ["model", "version", "variant"], registry=r)
+        self.feedback_outcomes = Counter(
+            "vigil_feedback_outcomes", "Confusion counts: served prediction against the actual label.",
+            ["model", "version", "predicted", "actual"], registry=r)
+        self.model_quality = Gauge(
+            "vigil_model_quality", "Quality on joined feedback from the latest performance run, by metric.",
+            ["model", "version", "metric"], multiprocess_mode="livemax", registry=r)
+        self.prediction_bias = Gauge(
+            "vigil_prediction_bias", "Predicted minus observed share of a class in the latest performance run.",
+            ["model", "version", "class"], multiprocess_mode="livemax", registry=r)
+        self.quality_degraded = Gauge(
+            "vigil_quality_degraded", "1 when live quality dropped below the card's training metrics beyond tolerance.",
+            ["model", "version"], multiprocess_mode="livemax", registry=r)
         self.predlog_rows = Counter(
             "vigil_predlog_rows", "Rows written to the prediction log.", ["model"], registry=r)
         self.predlog_dropped = Counter(
@@ -204,16 +224,29 @@ class VigilMetrics:
             "vigil_process_threads", "Threads of the worker process.",
             ["worker"], multiprocess_mode="livemax", registry=r)
 
+    def per_model_histogram(self, name: str, documentation: str, labelnames: list[str],
+                            buckets: tuple[float, ...]) -> Histogram:
+        """The histogram object of family ``name`` for one bucket layout (created once per layout)."""
+        layouts = self._layouts.get(name)
+        if layouts is None:
+            layouts = self._layouts[name] = {}
+            if self.registry is not None:
+                self.registry.register(_MergedFamily(layouts))
+        family = layouts.get(buckets)
+        if family is None:
+            family = layouts[buckets] = Histogram(name, documentation, labelnames, buckets=buckets, registry=None)
+        return family
+
     def prediction_value_family(self, buckets: tuple[float, ...]) -> Histogram:
         """The ``vigil_prediction_value`` family object for one bucket layout."""
-        family = self._prediction_value_families.get(buckets)
-        if family is None:
-            family = Histogram(
-                "vigil_prediction_value",
-                "Regression value, or positive-class score of a binary classifier; buckets from the reference predictions.",
-                ["model", "version", "variant"], buckets=buckets, registry=None)
-            self._prediction_value_families[buckets] = family
-        return family
+        return self.per_model_histogram(
+            "vigil_prediction_value",
+            "Regression value, or positive-class score of a binary classifier; buckets from the reference predictions.",
+            ["model", "version", "variant"], buckets)
+
+    def feedback_recorder(self, card: ModelCard) -> FeedbackMetrics:
+        """Children recording ground truth for one model version."""
+        return FeedbackMetrics(self, card)
 
     def bind(self, card: ModelCard, variant: str) -> BoundModelMetrics:
         """Children for one model version and variant, bound once and reused by every request."""
@@ -346,6 +379,44 @@ class BoundModelMetrics:
         if child is None:
             child = self._errors[kind] = self.metrics.model_errors.labels(self.model, self._version, kind)
         child.inc()
+
+
+def error_buckets(card: ModelCard) -> tuple[float, ...]:
+    """Buckets for regression errors, scaled to the model's reference prediction range."""
+    span = 1.0
+    if card.prediction_range is not None and card.prediction_range.max > card.prediction_range.min:
+        span = card.prediction_range.max - card.prediction_range.min
+    steps = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)
+    return tuple(sorted({round(-span * f, 6) for f in steps} | {0.0} | {round(span * f, 6) for f in steps}))
+
+
+class FeedbackMetrics:
+    """Ground truth for one model version: counts, confusion, and regression errors."""
+
+    def __init__(self, metrics: VigilMetrics, card: ModelCard) -> None:
+        name, version = card.name, card.version
+        self.metrics = metrics
+        self.model, self.version = name, version
+        self.accepted = metrics.feedback.labels(name, version)
+        buckets = error_buckets(card)
+        self.error = metrics.per_model_histogram(
+            "vigil_prediction_error", "Actual minus predicted value (regression feedback).",
+            ["model", "version"], buckets).labels(name, version)
+        self.abs_error = metrics.per_model_histogram(
+            "vigil_prediction_abs_error", "Absolute error of regression predictions on feedback.",
+            ["model", "version"], tuple(b for b in buckets if b > 0)).labels(name, version)
+
+    def record(self, variant: str, predicted: Any, actual: Any, regression: bool) -> None:
+        """One accepted actual for a prediction served by ``variant``."""
+        self.accepted.inc()
+        if regression:
+            error = float(actual) - float(predicted)
+            self.error.observe(error)
+            self.abs_error.observe(abs(error))
+            return
+        self.metrics.feedback_outcomes.labels(self.model, self.version, str(predicted), str(actual)).inc()
+        if str(predicted) == str(actual):
+            self.metrics.feedback_correct.labels(self.model, self.version, variant).inc()
 
 
 class ProcessSampler:

@@ -51,6 +51,7 @@ from service.serving import ModelServer, worker_label
 from service.settings import Settings
 
 from service.edge import EdgeMiddleware
+from service.feedback import FeedbackRequest, FeedbackService
 from monitoring.metrics import ProcessSampler, VigilMetrics, exposition
 from monitoring.predlog import PredictionLog
 
@@ -205,6 +206,7 @@ class Vigil:
             deploy = DeployConfig()
         self.server = ModelServer(settings, self.metrics, self.predlog, deploy)
         self.server.load_all()
+        self.feedback_service = FeedbackService(settings.data_dir, self.metrics)
         self.control = ControlLoop(self.server, settings.control_interval_seconds)
         self.control.start()
         if self.predlog is not None:
@@ -332,6 +334,26 @@ class Vigil:
         except VigilError as exc:
             return _json(error_body(exc), exc.status_code)
         return _json({"model": body.model, "stable": promoted[0]})
+
+    @http.post(
+        "/feedback",
+        summary="Ground truth for served predictions",
+        responses=_ERRORS,
+        openapi_extra={"requestBody": {"required": True,
+                                       "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}}}},
+    )
+    async def feedback(self, request: Request) -> Response:
+        """Join actuals to logged predictions by request id and index; duplicates are acknowledged, not counted."""
+        try:
+            _check_content_type(request)
+            payload = parse_json(await _read_body(request, self.settings.max_body_bytes))
+            body = self.feedback_service.parse(payload)
+            cards = {name: entry.stable.card for name, entry in self.server.models.items() if entry.stable is not None}
+            # Joining reads prediction-log segments: off the event loop.
+            answer = await anyio.to_thread.run_sync(self.feedback_service.accept, body, cards)
+        except VigilError as exc:
+            return _json(error_body(exc), exc.status_code)
+        return _json(answer)
 
     @http.get("/metrics", summary="Prometheus metrics of every worker", include_in_schema=True)
     async def metrics_endpoint(self) -> Response:

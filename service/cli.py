@@ -300,3 +300,14 @@ def deploy_rollback(
             version=policy.canary.version, reason="manual", at=datetime.now(timezone.utc), by="operator"))
         out.print(f"{model}: canary {policy.canary.version} rolled back; stable serves every request")
     _ask_reload(url)
+
+
+def _mount_observing_commands() -> None:
+    # The drift job's commands live beside it; registered here so `vigil` is one command.
+    from service.cli_drift import drift_app, predlog_app
+
+    app.add_typer(drift_app, name="drift")
+    app.add_typer(predlog_app, name="predlog")
+
+
+_mount_observing_commands()

@@ -1,4 +1,4 @@
-"""The worker's control loop: hot reload of deploy.yaml and the rollback state, and canary checks.
+"""The worker's control loop: hot reload of deploy.yaml and the rollback state, drift verdicts, canary checks.
 
 One daemon thread per worker polls the files (no inotify dependency, works on
 any shared volume) every ``interval`` seconds. A reload builds the new routing
@@ -14,6 +14,8 @@ from pathlib import Path
 
 from service.deploy import DeployConfigError, state_path
 from service.serving import ModelServer
+
+from monitoring.drift import DRIFT_DIR, LATEST_FILE, DriftError, read_latest
 
 log = logging.getLogger("vigil.control")
 
@@ -35,6 +37,7 @@ class ControlLoop:
         self._deploy_path = Path(server.settings.deploy)
         self._state_path = state_path(server.settings.data_dir)
         self._seen = (_stamp(self._deploy_path), _stamp(self._state_path))
+        self._drift_seen: dict[tuple[str, str], tuple[int, int] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -55,12 +58,32 @@ class ControlLoop:
                 log.exception("control loop tick failed")
 
     def tick(self) -> None:
-        """One round: reload when a watched file changed, then check the canaries."""
+        """One round: reload when a watched file changed, take new drift verdicts, check the canaries."""
         seen = (_stamp(self._deploy_path), _stamp(self._state_path))
         if seen != self._seen:
             self._seen = seen
             self.reload("file change")
+        self.check_drift()
         self.server.check_canaries()
+
+    def check_drift(self) -> None:
+        """Apply each served version's drift verdict when its ``latest.json`` changed (no restart needed)."""
+        data_dir = Path(self.server.settings.data_dir)
+        for served in self.server.served_versions():
+            key = (served.card.name, served.card.version)
+            stamp = _stamp(data_dir / DRIFT_DIR / key[0] / key[1] / LATEST_FILE)
+            if stamp == self._drift_seen.get(key):
+                continue
+            self._drift_seen[key] = stamp
+            if stamp is None:
+                continue
+            try:
+                result = read_latest(data_dir, *key)
+            except DriftError as exc:
+                log.error("ignoring drift verdict of %s:%s: %s", key[0], key[1], exc)
+                continue
+            if result is not None:
+                self.server.apply_drift(served, result)
 
     def reload(self, why: str) -> DeployConfigError | None:
         """Reload now; an invalid config is refused, counted, logged and returned, and the old routing keeps serving."""

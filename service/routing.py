@@ -97,6 +97,16 @@ class Breaker:
 
 
 @dataclass
+class VersionHealth:
+    """Verdicts of the observing path about one version, shared by every role it plays (stable, canary)."""
+
+    drift_detected: bool = False
+    drift_share: float | None = None
+    drift_checked_at: datetime | None = None
+    quality_degraded: bool = False
+
+
+@dataclass
 class ServedVersion:
     """One model version as served: its model (if it loaded), its fallback, and its health state."""
 
@@ -109,8 +119,7 @@ class ServedVersion:
     load_error: str | None = None
     metrics: Any = None
     fallback_metrics: Any = None
-    drift_detected: bool = False
-    quality_degraded: bool = False
+    health: VersionHealth = field(default_factory=VersionHealth)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     load_seconds: float = 0.0
     call_seconds_ewma: float = 0.0
@@ -124,9 +133,9 @@ def degraded_reason(served: ServedVersion, policy: ModelPolicy) -> str | None:
     """Why the whole request goes to the fallback, or None when the model may answer."""
     if served.predictor is None:
         return "load_failed"
-    if policy.on_drift == "fallback" and served.drift_detected:
+    if policy.on_drift == "fallback" and served.health.drift_detected:
         return "drift"
-    if policy.on_quality_degraded == "fallback" and served.quality_degraded:
+    if policy.on_quality_degraded == "fallback" and served.health.quality_degraded:
         return "quality"
     if not served.breaker.allow():
         return "breaker_open"
@@ -139,9 +148,9 @@ def state_of(served: ServedVersion, policy: ModelPolicy) -> str:
         return "load_failed"
     if served.breaker.state != "closed":
         return "breaker_open" if served.breaker.state == "open" else "breaker_half_open"
-    if served.drift_detected:
+    if served.health.drift_detected:
         return "degraded_by_drift" if policy.on_drift == "fallback" else "serving"
-    if served.quality_degraded and policy.on_quality_degraded == "fallback":
+    if served.health.quality_degraded and policy.on_quality_degraded == "fallback":
         return "degraded_by_quality"
     return "serving"
 

@@ -226,6 +226,37 @@ class ModelServer:
 
         return Breaker(policy.breaker, on_transition)  # type: ignore[arg-type]
 
+    # ------------------------------------------------------------------ verdicts from the observing path
+
+    def served_versions(self) -> list[ServedVersion]:
+        """Every loaded version (each once, whatever roles it plays)."""
+        return list(self._loaded.values())
+
+    def apply_drift(self, served: ServedVersion, result: Any) -> None:
+        """Take a drift job's latest verdict for a version: routing (``on_drift: fallback``) and gauges."""
+        card = served.card
+        health = served.health
+        was = health.drift_detected
+        health.drift_detected = bool(result.dataset_drift)
+        health.drift_share = float(result.drift_share)
+        health.drift_checked_at = result.created_at
+        if health.drift_detected != was:
+            log.warning("drift verdict for %s:%s is now %s (share %.2f)", card.name, card.version,
+                        "drift" if health.drift_detected else "no drift", result.drift_share)
+        if self.metrics is None:
+            return
+        m, v = card.name, card.version
+        self.metrics.drift_detected.labels(m, v).set(1 if result.dataset_drift else 0)
+        self.metrics.drift_share.labels(m, v).set(result.drift_share)
+        self.metrics.drift_rows.labels(m, v).set(result.rows.window)
+        self.metrics.drift_last_run.labels(m, v).set(result.created_at.timestamp())
+        for feature, verdict in result.features.items():
+            if verdict.score is not None:
+                self.metrics.feature_drift_score.labels(m, v, feature).set(verdict.score)
+            self.metrics.feature_drift_detected.labels(m, v, feature).set(1 if verdict.drifted else 0)
+        if result.prediction is not None and result.prediction.score is not None:
+            self.metrics.prediction_drift_score.labels(m, v).set(result.prediction.score)
+
     # ------------------------------------------------------------------ canary
 
     def check_canaries(self) -> list[tuple[str, Breach]]:
@@ -292,7 +323,9 @@ class ModelServer:
                 "loaded_at": served.loaded_at.isoformat(),
                 "load_seconds": round(served.load_seconds, 4),
                 "fallback": card.fallback.kind if card.fallback is not None else None,
-                "drift_detected": served.drift_detected,
+                "drift": {"detected": served.health.drift_detected, "share": served.health.drift_share,
+                          "checked_at": served.health.drift_checked_at.isoformat()
+                          if served.health.drift_checked_at else None},
             }
             if served.load_error:
                 item["error"] = served.load_error

@@ -1,0 +1,115 @@
+"""Ground truth through the real service: feedback joined to logged predictions, exact live metrics."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pytest
+
+from tests.servers import VigilServer, metric_value, vigil_server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(example_registry: Path) -> Iterator[VigilServer]:
+    with vigil_server(example_registry, workers=2) as srv:
+        yield srv
+
+
+def reference(registry: Path, model: str) -> pd.DataFrame:
+    return pd.read_parquet(registry / model / "1" / "reference.parquet")
+
+
+def features(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return frame.drop(columns=[c for c in ("target", "prediction", "prediction_score") if c in frame]).to_dict(
+        orient="records")
+
+
+def serve(server: VigilServer, model: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    response = server.post("/predict", json={"model": model, "instances": rows})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def feedback(server: VigilServer, body: dict[str, Any], expect: int = 200) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while True:  # a fresh request id reaches the log within the flush interval
+        response = server.post("/feedback", json=body)
+        if response.status_code != 404 or expect == 404 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert response.status_code == expect, response.text
+    return response.json()
+
+
+def test_classification_feedback_counts_exactly(server: VigilServer, example_registry: Path) -> None:
+    frame = reference(example_registry, "cancer").head(12)
+    truth = frame["target"].tolist()
+    first = serve(server, "cancer", features(frame.iloc[:8]))
+    second = serve(server, "cancer", features(frame.iloc[8:]))
+    predicted = [p["label"] for p in first["predictions"] + second["predictions"]]
+
+    whole = feedback(server, {"model": "cancer", "request_id": first["request_id"], "actuals": truth[:8]})
+    assert whole == {"model": "cancer", "accepted": 8, "duplicates": 0}
+    again = feedback(server, {"model": "cancer", "request_id": first["request_id"], "actuals": truth[:8]})
+    assert again["accepted"] == 0 and again["duplicates"] == 8
+    partial = feedback(server, {"model": "cancer", "items": [
+        {"request_id": second["request_id"], "index": 0, "actual": truth[8]},
+        {"request_id": second["request_id"], "index": 3, "actual": truth[11]},
+        {"request_id": second["request_id"], "index": 3, "actual": truth[11]}]})
+    assert partial["accepted"] == 2 and partial["duplicates"] == 1
+
+    used = list(range(8)) + [8, 11]
+    time.sleep(0.2)
+    text = server.metrics_text()
+    assert metric_value(text, "vigil_feedback_total", model="cancer", version="1") == 10
+    correct = sum(predicted[i] == truth[i] for i in used)
+    assert metric_value(text, "vigil_feedback_correct_total", model="cancer", variant="stable") == correct
+    outcomes = Counter((str(predicted[i]), str(truth[i])) for i in used)
+    for (p, a), count in outcomes.items():
+        assert metric_value(text, "vigil_feedback_outcomes_total", model="cancer", predicted=p, actual=a) == count
+
+
+def test_unknown_ids_and_wrong_types_are_refused_and_nothing_is_stored(server: VigilServer,
+                                                                        example_registry: Path) -> None:
+    served = serve(server, "cancer", features(reference(example_registry, "cancer").head(2)))
+    time.sleep(1.5)  # flushed to the prediction log
+    before = metric_value(server.metrics_text(), "vigil_feedback_total", model="cancer") or 0
+    unmatched = metric_value(server.metrics_text(), "vigil_feedback_unmatched_total", model="cancer") or 0
+    error = feedback(server, {"model": "cancer", "items": [
+        {"request_id": served["request_id"], "index": 0, "actual": 1},
+        {"request_id": "f" * 32, "index": 0, "actual": 1}]}, expect=404)["error"]
+    assert error["code"] == "unknown_request_id" and error["details"][0]["instance"] == 1
+    assert metric_value(server.metrics_text(), "vigil_feedback_unmatched_total", model="cancer") == unmatched + 1
+    for bad in ("1", 2, 0.5, True, None):
+        error = feedback(server, {"model": "cancer", "request_id": served["request_id"], "actuals": [bad, 0]},
+                         expect=422)["error"]
+        assert error["details"][0]["field"] == "actual" and "labels" in error["details"][0]["problem"]
+    assert feedback(server, {"model": "cancer", "actuals": [1]}, expect=400)["error"]["code"] == "invalid_request"
+    assert feedback(server, {"model": "nope", "request_id": "x", "actuals": [1]}, expect=404)["error"]["code"] == \
+        "model_not_found"
+    assert (metric_value(server.metrics_text(), "vigil_feedback_total", model="cancer") or 0) == before
+    # The valid half of the refused body was not stored: it is accepted now, once.
+    assert feedback(server, {"model": "cancer", "request_id": served["request_id"], "actuals": [1, 0]})["accepted"] == 2
+
+
+def test_regression_feedback_observes_errors(server: VigilServer, example_registry: Path) -> None:
+    frame = reference(example_registry, "diabetes").head(5)
+    served = serve(server, "diabetes", features(frame))
+    values = [p["value"] for p in served["predictions"]]
+    actuals = frame["target"].astype(float).tolist()
+    feedback(server, {"model": "diabetes", "request_id": served["request_id"], "actuals": actuals})
+    text = server.metrics_text()
+    assert metric_value(text, "vigil_prediction_error_count", model="diabetes") == 5
+    assert metric_value(text, "vigil_prediction_error_sum", model="diabetes") == pytest.approx(
+        sum(a - v for a, v in zip(actuals, values)), rel=1e-6)
+    assert metric_value(text, "vigil_prediction_abs_error_sum", model="diabetes") == pytest.approx(
+        sum(abs(a - v) for a, v in zip(actuals, values)), rel=1e-6)
+    error = feedback(server, {"model": "diabetes", "request_id": served["request_id"], "actuals": ["x"] * 5},
+                     expect=422)["error"]
+    assert "number" in error["details"][0]["problem"]
