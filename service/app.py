@@ -21,13 +21,14 @@ import anyio.to_thread
 import bentoml
 import orjson
 from fastapi import FastAPI, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from service.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    ModelNotFound,
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
@@ -51,7 +52,7 @@ from service.serving import ModelServer, worker_label
 from service.settings import Settings
 
 from service.edge import EdgeMiddleware
-from service.feedback import FeedbackRequest, FeedbackService
+from service.feedback import FEEDBACK_BODY, FeedbackService
 from monitoring.metrics import ProcessSampler, VigilMetrics, exposition
 from monitoring.predlog import PredictionLog
 
@@ -95,8 +96,8 @@ class AdminModelRequest(BaseModel):
     """Body of ``/admin/rollback`` and ``/admin/promote``."""
 
     model_config = {"extra": "forbid"}
-    model: str
-    to: str | None = None
+    model: str = Field(min_length=1, max_length=64)
+    to: str | None = Field(None, min_length=1, max_length=64)
     """Rollback only: serve this version as stable (and drop the canary) instead of just turning the canary off."""
 
 
@@ -104,6 +105,39 @@ class PredictResponse(BaseModel):
     request_id: str
     model: str
     predictions: list[Prediction]
+
+
+def _openapi_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema as OpenAPI 3.0 (what BentoML publishes) accepts it.
+
+    ``$defs`` are inlined (FastAPI does not hoist them from ``openapi_extra``),
+    ``anyOf [X, null]`` becomes ``X`` with ``nullable``, and numeric
+    ``exclusiveMinimum``/``exclusiveMaximum`` become the 3.0 boolean form.
+    """
+    defs = schema.get("$defs", {})
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, list):
+            return [convert(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return convert(defs[ref.removeprefix("#/$defs/")])
+        out = {k: convert(v) for k, v in node.items() if k != "$defs"}
+        options = out.get("anyOf")
+        if isinstance(options, list) and {"type": "null"} in options:
+            rest = [o for o in options if o != {"type": "null"}]
+            out.pop("anyOf")
+            out.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+            out["nullable"] = True
+        for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(out.get(key), (int, float)) and not isinstance(out.get(key), bool):
+                out[bound] = out.pop(key)
+                out[key] = True
+        return out
+
+    return convert(schema)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -114,11 +148,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over the size limit, or more instances than allowed.",
         415: "The body is not JSON.",
         422: "Instances that do not match the model's input schema; details name the instance and field.",
+        401: "Admin endpoints: missing or wrong bearer token.",
+        403: "Admin endpoints: disabled because VIGIL_ADMIN_TOKEN is not set.",
+        409: "Admin endpoints: the action does not apply (e.g. no canary to promote or roll back).",
         429: "The worker is at its concurrency limit; retry after the Retry-After seconds.",
         503: "The model is registered but nothing can answer for it.",
         504: "The request ran past the request timeout.",
     }.items()
 }
+
+
+_ADMIN_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _openapi_schema(AdminModelRequest.model_json_schema())}}}}
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -154,13 +195,18 @@ def _check_admin(request: Request, token: Any) -> None:
         raise Unauthorized("missing or wrong bearer token")
 
 
-async def _admin_body(request: Request, limit: int) -> AdminModelRequest:
+async def _admin_body(request: Request, limit: int, server: ModelServer) -> AdminModelRequest:
     _check_content_type(request)
     payload = parse_json(await _read_body(request, limit))
     try:
-        return AdminModelRequest.model_validate(payload)
+        body = AdminModelRequest.model_validate(payload)
     except ValueError as exc:
         raise BadRequest(f"expected {{model, to?}}: {exc}", code="invalid_request") from None
+    if body.model not in server.models:
+        raise ModelNotFound(f"no model named '{body.model}'")
+    if body.to is not None and body.to not in server.registry.versions(body.model):
+        raise ModelNotFound(f"model '{body.model}' has no version '{body.to}'")
+    return body
 
 
 def _check_content_type(request: Request) -> None:
@@ -242,7 +288,7 @@ class Vigil:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": _openapi_schema(PredictRequest.model_json_schema())}},
             }
         },
     )
@@ -297,12 +343,12 @@ class Vigil:
         return _json({"reloaded": True, "models": self.server.describe()})
 
     @http.post("/admin/rollback", summary="Turn a canary off, or serve a given version (bearer token)",
-               responses=_ERRORS)
+               responses=_ERRORS, openapi_extra=_ADMIN_BODY)
     async def admin_rollback(self, request: Request) -> Response:
         """``{"model"}`` turns the live canary off (recorded, survives restarts); ``{"model", "to"}`` edits deploy.yaml."""
         try:
             _check_admin(request, self.settings.admin_token)
-            body = await _admin_body(request, self.settings.max_body_bytes)
+            body = await _admin_body(request, self.settings.max_body_bytes, self.server)
             if body.to is None:
                 record = self.server.rollback(body.model, "manual")
                 return _json({"model": body.model, "rolled_back": record.model_dump(mode="json")})
@@ -314,12 +360,13 @@ class Vigil:
             return _json(error_body(exc), exc.status_code)
         return _json({"model": body.model, "stable": body.to})
 
-    @http.post("/admin/promote", summary="Make the canary the stable version (bearer token)", responses=_ERRORS)
+    @http.post("/admin/promote", summary="Make the canary the stable version (bearer token)", responses=_ERRORS,
+               openapi_extra=_ADMIN_BODY)
     async def admin_promote(self, request: Request) -> Response:
         """Edit deploy.yaml so the canary becomes stable, then reload."""
         try:
             _check_admin(request, self.settings.admin_token)
-            body = await _admin_body(request, self.settings.max_body_bytes)
+            body = await _admin_body(request, self.settings.max_body_bytes, self.server)
             promoted: list[str] = []
 
             def change(doc: Any) -> None:
@@ -340,7 +387,7 @@ class Vigil:
         summary="Ground truth for served predictions",
         responses=_ERRORS,
         openapi_extra={"requestBody": {"required": True,
-                                       "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}}}},
+                                       "content": {"application/json": {"schema": _openapi_schema(FEEDBACK_BODY.json_schema())}}}},
     )
     async def feedback(self, request: Request) -> Response:
         """Join actuals to logged predictions by request id and index; duplicates are acknowledged, not counted."""
@@ -355,7 +402,9 @@ class Vigil:
             return _json(error_body(exc), exc.status_code)
         return _json(answer)
 
-    @http.get("/metrics", summary="Prometheus metrics of every worker", include_in_schema=True)
+    @http.get("/metrics", summary="Prometheus metrics of every worker",
+              responses={200: {"description": "Prometheus text exposition format",
+                               "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics_endpoint(self) -> Response:
         """The ``vigil_`` families, merged over all workers (Prometheus multiprocess mode)."""
         text, content_type = await anyio.to_thread.run_sync(exposition)

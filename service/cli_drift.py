@@ -1,9 +1,10 @@
 """``vigil drift`` and ``vigil predlog``: the drift job and prediction log retention, for people and schedulers.
 
 Exit codes of ``vigil drift run`` (what a scheduler branches on):
-0 no dataset drift, 3 dataset drift detected, 4 too few logged rows for a
-verdict, 2 usage error (bad time or duration, unknown model, version,
-feature or stat test), 1 anything else.
+0 no drift, 3 drift detected (dataset drift by Evidently's share rule, or
+drift of the model's output: ``DriftResult.drift_detected``), 4 too few logged
+rows for a verdict, 2 usage error (bad time or duration, unknown model,
+version, feature or stat test), 1 anything else.
 """
 
 from __future__ import annotations
@@ -139,8 +140,14 @@ def summary(result: DriftResult) -> str:
     """A few lines for a person: the verdict, which features drifted, what was compared, where the report is."""
     n = len(result.features)
     comparison = ">=" if result.dataset_drift else "<"
-    verdict = "DRIFT" if result.dataset_drift else "no drift"
-    lines = [f"{result.model}:{result.version}: {verdict} - {len(result.drifted_features)} of {n} features drifted "
+    verdict = "DRIFT" if result.drift_detected else "no drift"
+    why = []
+    if result.dataset_drift:
+        why.append("dataset drift")
+    if result.prediction is not None and result.prediction.drifted:
+        why.append("prediction drift")
+    lines = [f"{result.model}:{result.version}: {verdict}{' (' + ', '.join(why) + ')' if why else ''} - "
+             f"{len(result.drifted_features)} of {n} features drifted "
              f"(share {result.drift_share:.2f} {comparison} {result.drift_share_threshold:.2f})"]
     for name in result.drifted_features:
         feature = result.features[name]
@@ -179,7 +186,8 @@ def run(
     since: Optional[str] = typer.Option(None, "--since", help="Window start, ISO 8601 (UTC when no offset)."),
     last: Optional[str] = typer.Option(None, "--last", help=f"Window length back from --until, e.g. 30m, 24h, 7d "
                                                             f"(default {DEFAULT_LAST} unless --since is given)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Window end, ISO 8601 (default: now)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Window end, ISO 8601 (default: a minute ago, so rows "
+                                                              "still buffered by the service are not half-counted)."),
     min_rows: int = typer.Option(200, "--min-rows", min=1, help="Fewest logged rows for a verdict (exit 4 below)."),
     out: Optional[Path] = typer.Option(None, "--out",
                                        help="Directory for report.html and result.json "
@@ -198,14 +206,14 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
 ) -> None:
     """Compare a window of the prediction log with the model version's reference data (Evidently)."""
-    from monitoring.drift import DriftConfigError, DriftError, NotEnoughRows, run_drift
+    from monitoring.drift import DriftConfigError, DriftError, NotEnoughRows, default_until, run_drift
 
     if since is not None and last is not None:
         _fail("give either --since or --last, not both", EXIT_USAGE)
-    until_time = parse_time(until, "--until")
+    until_time = parse_time(until, "--until") or default_until()
     since_time = parse_time(since, "--since")
     if since_time is None:
-        since_time = (until_time or datetime.now(timezone.utc)) - parse_duration(last or DEFAULT_LAST, "--last")
+        since_time = until_time - parse_duration(last or DEFAULT_LAST, "--last")
     data_root = data_dir_root(data_dir)
     try:
         with _progress() as progress:
@@ -221,7 +229,7 @@ def run(
         _fail(str(exc), EXIT_ERROR)
     else:
         typer.echo(result.model_dump_json(indent=2) if as_json else summary(result))
-        code = EXIT_DRIFT if result.dataset_drift else EXIT_OK
+        code = EXIT_DRIFT if result.drift_detected else EXIT_OK
     if prune_days:
         _prune(data_root, prune_days)
     raise typer.Exit(code)

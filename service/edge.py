@@ -43,7 +43,7 @@ class EdgeMiddleware:
             return
         path = scope["path"]
         service = _service()
-        if path == "/readyz" and service is not None:
+        if path == "/readyz" and service is not None and scope.get("method") in ("GET", "HEAD"):
             await _ready(service, send)
             return
         metrics = getattr(service, "metrics", None) if service is not None else None

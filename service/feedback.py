@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from service.errors import BadRequest, InvalidInput, ModelNotFound, VigilError
 from service.registry import ModelCard
@@ -38,32 +38,37 @@ class FeedbackItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(min_length=1, max_length=64)
-    index: int = Field(ge=0, lt=100_000)
+    index: int = Field(ge=0, le=99_999)
     actual: Any
 
 
-class FeedbackRequest(BaseModel):
-    """Body of ``POST /feedback``."""
+class FeedbackWhole(BaseModel):
+    """Feedback for every instance of one request, in order."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=64)
-    request_id: str | None = Field(None, min_length=1, max_length=64)
-    actuals: list[Any] | None = Field(None, min_length=1, max_length=10_000)
-    items: list[FeedbackItem] | None = Field(None, min_length=1, max_length=10_000)
-
-    @model_validator(mode="after")
-    def _one_shape(self) -> FeedbackRequest:
-        whole = self.request_id is not None and self.actuals is not None
-        if whole == (self.items is not None) or (self.request_id is None) != (self.actuals is None):
-            raise ValueError("send either {request_id, actuals} or {items: [{request_id, index, actual}]}")
-        return self
+    request_id: str = Field(min_length=1, max_length=64)
+    actuals: list[Any] = Field(min_length=1, max_length=10_000)
 
     def flat(self) -> list[FeedbackItem]:
         """Every (request id, index, actual) of the body."""
-        if self.items is not None:
-            return self.items
-        assert self.request_id is not None and self.actuals is not None
         return [FeedbackItem(request_id=self.request_id, index=i, actual=a) for i, a in enumerate(self.actuals)]
+
+
+class FeedbackItems(BaseModel):
+    """Feedback for chosen instances, possibly of several requests."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=64)
+    items: list[FeedbackItem] = Field(min_length=1, max_length=10_000)
+
+    def flat(self) -> list[FeedbackItem]:
+        """Every (request id, index, actual) of the body."""
+        return self.items
+
+
+FeedbackRequest = FeedbackWhole | FeedbackItems
+FEEDBACK_BODY: TypeAdapter[FeedbackRequest] = TypeAdapter(FeedbackRequest)
 
 
 def _check_actual(card: ModelCard, value: Any) -> str | None:
@@ -92,7 +97,7 @@ class FeedbackService:
     def parse(self, payload: Any) -> FeedbackRequest:
         """Validate the body's shape."""
         try:
-            return FeedbackRequest.model_validate(payload)
+            return FEEDBACK_BODY.validate_python(payload)
         except ValidationError as exc:
             details = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]}
                        for e in exc.errors(include_url=False)]

@@ -187,6 +187,8 @@ class ModelServer:
     def _load_version(self, name: str, version: str, policy: ModelPolicy) -> ServedVersion | None:
         try:
             card = self.registry.card(name, version)
+            if card.fallback is None:
+                card = self._with_derived_fallback(card)
             validator = InstanceValidator(card, self.settings.max_string_length)
             fallback = HeuristicPredictor(card)
         except Exception as exc:  # noqa: BLE001 - no card, no fallback: the version cannot answer at all
@@ -217,6 +219,19 @@ class ModelServer:
             self.metrics.model_loaded(card, predictor.load_seconds)
         log.info("model %s:%s loaded in %.3fs", name, version, predictor.load_seconds)
         return served
+
+    def _with_derived_fallback(self, card: ModelCard) -> ModelCard:
+        """Cards written before fallbacks existed: derive the prior/median from the stored reference data."""
+        import pandas as pd
+
+        from service.fallback import derive_fallback
+        from service.registry import REFERENCE_FILE
+
+        reference = pd.read_parquet(self.registry.path(card.name, card.version) / REFERENCE_FILE)
+        spec = derive_fallback(card.task, card.labels, reference, card.target)
+        log.warning("%s:%s has no fallback in its card; derived %s from its reference data",
+                    card.name, card.version, spec.kind)
+        return card.model_copy(update={"fallback": spec})
 
     def _breaker(self, card: ModelCard, policy: ModelPolicy) -> Breaker:
         def on_transition(state: str) -> None:
