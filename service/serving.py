@@ -206,7 +206,7 @@ class ModelServer:
         try:
             model_path = self.registry.verify(card)
             predictor = OnnxPredictor(card, model_path, self.settings.intra_op_threads)
-            _warm_up(predictor, validator, card, policy.timeout_ms / 1000)
+            warm_up_seconds = _warm_up(predictor, validator, card, policy.timeout_ms / 1000)
         except Exception as exc:  # noqa: BLE001 - the fallback answers instead
             served.load_error = _why(exc)
             log.error("model %s:%s failed to load, its fallback answers: %s", name, version, served.load_error)
@@ -215,6 +215,8 @@ class ModelServer:
             return served
         served.predictor = predictor
         served.load_seconds = predictor.load_seconds
+        # A model that is slow from its first call runs on a thread from the first request on.
+        served.note_call(warm_up_seconds)
         if self.metrics is not None:
             self.metrics.model_loaded(card, predictor.load_seconds)
         log.info("model %s:%s loaded in %.3fs", name, version, predictor.load_seconds)
@@ -597,8 +599,8 @@ def _log_record(served: ServedVersion, request: PredictRequest, request_id: str,
                          reasons=outcome.reasons if has_fallback else None)
 
 
-def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard, budget_seconds: float) -> None:
-    """One call so the first client does not pay for lazy initialisation."""
+def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard, budget_seconds: float) -> float:
+    """One call so the first client does not pay for lazy initialisation; returns its duration."""
     row: dict[str, Any] = {}
     for spec in card.features:
         if spec.type == "string":
@@ -609,11 +611,15 @@ def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard
         else:
             row[spec.name] = 0 if spec.type == "int" else 0.0
     batch, _ = validator.validate([row])
+    started = time.perf_counter()
     try:
+        predictor.predict(batch, budget_seconds)  # the first call pays for lazy initialisation
+        started = time.perf_counter()
         predictor.predict(batch, budget_seconds)
     except Exception as exc:  # noqa: BLE001 - a model that fails on some inputs still loaded
         log.warning("warm-up call of %s:%s failed (%s); the model stays loaded", card.name, card.version,
                     type(exc).__name__)
+    return time.perf_counter() - started
 
 
 def worker_label() -> str:
