@@ -1,12 +1,27 @@
-# The Vigil service image: the project installed, the registry baked in, served on :3000.
-FROM python:3.11-slim
+# The Vigil image: the project installed, serving every registered model on :3000.
+#
+# Two targets (docker-compose.yml builds both):
+#   service   what runs: `vigil serve`, and the drift job (`vigil drift run`) from the same image;
+#   examples  one-shot: trains the example models from scikit-learn's bundled datasets and registers
+#             them into /app/models (skipping those already registered), so `docker compose up` has
+#             something to serve on a fresh checkout.
+FROM python:3.11-slim AS service
 WORKDIR /app
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 BENTOML_DO_NOT_TRACK=True \
+    VIGIL_REGISTRY=/app/models VIGIL_DATA_DIR=/data
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY monitoring/ monitoring/
-RUN pip install --no-cache-dir .
+RUN pip install .
+# The registry is normally mounted over this (docker-compose.yml); the copy makes the image usable alone.
 COPY models/ models/
-ENV VIGIL_REGISTRY=/app/models VIGIL_DATA_DIR=/data BENTOML_DO_NOT_TRACK=True
 EXPOSE 3000
-HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"
 CMD ["vigil", "serve", "--host", "0.0.0.0", "--port", "3000"]
+
+FROM service AS examples
+RUN pip install ".[examples]"
+COPY examples/ examples/
+HEALTHCHECK NONE
+CMD ["python", "examples/train.py", "--register", "--registry", "/app/models", "--out", "/tmp/examples"]

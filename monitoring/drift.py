@@ -10,19 +10,28 @@ feature and the prediction with ``reference.parquet`` using Evidently's
     <data_dir>/drift/<model>/<version>/latest.json                   the newest DriftResult (atomic)
 
 Large windows are compared through a sample. Evidently's cost grows with the
-rows it is given (~56 s and 1.5 GB for 1M rows of 30 features), while its
-verdicts do not need them all: the default tests are either distances
-(Wasserstein, Jensen-Shannon), whose estimate from 50k rows is within a few
-thousandths of the full-window value, or two-sample p-value tests on a small
-reference (K-S, Z), whose p-value depends on the sizes through
-``n_ref * n_cur / (n_ref + n_cur)``, which stops moving once the current side is
-much larger than the reference. So the window is reduced to a deterministic,
-time-stratified sample of :data:`DEFAULT_MAX_ROWS` rows, and to
-:data:`P_VALUE_REFERENCE_FACTOR` times the reference size when a p-value test
-is involved; ``benchmarks/results/drift.md`` has the measurement behind the
-numbers. The stat test of every column is chosen by Evidently's own default
-rule on the *full* window before sampling and passed explicitly, so the sample
-is always judged with the test Evidently would use on the whole window.
+rows it is given (~80 s and 1.6 GB for 1M rows of 30 features on 2 cores), while
+its verdicts do not need them all: the default tests are either distances
+(Wasserstein, Jensen-Shannon; reference over 1,000 rows), whose estimate from
+50k rows is within a few thousandths of the whole window's, or two-sample
+p-value tests on a small reference (K-S, Z, chi-square), whose p-value hardly
+moves once the current side is much larger than the reference. So the window
+is reduced to a deterministic, time-stratified sample of :data:`DEFAULT_MAX_ROWS`
+rows, or :data:`P_VALUE_REFERENCE_FACTOR` times the reference when a p-value
+test needs more. ``benchmarks/drift_bench.py`` measures it: at 50k rows a
+verdict differed from Evidently's on the whole window only for features whose
+whole-window score was within ~0.007 of the Wasserstein threshold, or whose K-S
+p-value was within ~0.02 of 0.05; 10k rows flipped features up to 0.02 from the
+threshold, and 100k rows cost ~30% more CPU on a job that must stay under 20 s.
+
+Evidently picks each column's test itself (the default rule, unless overridden).
+Its rule looks at the current data only through the number of distinct values of
+a column whose reference has few of them, so the sample keeps one row of each
+rare value it would miss, and the job checks afterwards that Evidently used, for
+every column, the test its rule gives on the whole window.
+
+The window is read a few columns at a time (:data:`READ_CELLS`) and aligned on
+the ``time`` column, so the peak memory does not grow with the number of features.
 
 Evidently takes seconds to import, so it is imported only once a window has
 enough rows to be compared.
@@ -36,9 +45,9 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -159,7 +168,8 @@ class FeatureDrift(BaseModel):
     stat_test_display: str
     """Evidently's display name of the test (``K-S p_value``, ...)."""
     score: float | None
-    """The test's value (None when Evidently could not compute it): a p-value (drift when below the threshold) or a distance (drift when at or above it)."""
+    """The test's value: a p-value (drift when below the threshold) or a distance (drift when at or above it);
+    None when Evidently could not compute it."""
     threshold: float
     drifted: bool
     missing_share: float
@@ -180,6 +190,8 @@ class PredictionDrift(BaseModel):
     score: float | None
     threshold: float
     drifted: bool
+    rows: int
+    """Compared rows the model answered: rows the fallback answered carry its output, not the model's."""
 
 
 class SkippedFeature(BaseModel):
@@ -206,8 +218,14 @@ class DriftResult(BaseModel):
     """Share of compared features that drifted (Evidently's ``DriftedColumnsCount``)."""
     drift_share_threshold: float
     dataset_drift: bool
-    """The verdict: ``drift_share >= drift_share_threshold`` (Evidently's dataset drift rule)."""
+    """Evidently's dataset drift rule: ``drift_share >= drift_share_threshold``."""
     prediction: PredictionDrift | None
+    drift_detected: bool
+    """The job's verdict (``vigil drift run`` exits 3): dataset drift, or drift of the model's output.
+
+    Per-feature tests at a 5% level flag some feature of a wide model in most healthy windows, which is why
+    Evidently asks for a share of them; a drifted output is one test, and the change that matters.
+    """
     notes: list[str] = Field(default_factory=list)
     evidently_version: str
     duration_seconds: float
@@ -273,11 +291,16 @@ def _parse_overrides(stattests: Mapping[str, Any] | None) -> dict[str, StatTestO
     return parsed
 
 
-def _resolve_version(reg: Registry, data_dir: Path, model: str, since: datetime | None, until: datetime) -> str:
-    """The newest registered version with logged rows in the window, else the newest version."""
+def _registered_versions(reg: Registry, model: str) -> list[str]:
     versions = reg.versions(model)
     if not versions:
         raise ModelNotFound(f"model '{model}' is not registered in {reg.root}")
+    return versions
+
+
+def _resolve_version(reg: Registry, data_dir: Path, model: str, since: datetime | None, until: datetime) -> str:
+    """The newest registered version with logged rows in the window, else the newest version."""
+    versions = _registered_versions(reg, model)
     if len(versions) == 1:
         return versions[0]
     logged = read_log(data_dir, model, since=since, until=until, columns=["time", "version"])
@@ -322,7 +345,10 @@ def _may_hold_version(meta: Any, names: list[str], version: str) -> bool:
     col = names.index("version")
     for i in range(meta.num_row_groups):
         stats = meta.row_group(i).column(col).statistics
-        if stats is None or not stats.has_min_max or stats.min <= version <= stats.max:
+        if stats is None or not stats.has_min_max:
+            return True
+        low, high = (v.decode() if isinstance(v, bytes) else str(v) for v in (stats.min, stats.max))
+        if low <= version <= high:
             return True
     return False
 
@@ -353,11 +379,18 @@ def _clean(column: pd.Series) -> pd.Series:
     return column.replace([-np.inf, np.inf], np.nan).dropna()
 
 
-
 # ----------------------------------------------------------------------------- the job
 
 DISTINCT_VALUES_THAT_MATTER = 6
 """Evidently's default test choice depends on a column's distinct values only up to 5 (<=2, 3-5, >5)."""
+READ_CELLS = 8_000_000
+"""Values read from the log at a time (~64 MB of float64): the window is read a few columns at a time, because
+``read_log`` holds about three copies of what it reads; a whole 1M x 30 window at once peaks over 1.3 GB."""
+FALLBACK_REASON = "reason"
+"""Prediction log column saying why the fallback answered a row (null when the model did)."""
+LOG_SETTLE = timedelta(seconds=60)
+"""``until`` defaults to this long before now: rows younger than that may still sit in a worker's buffer
+(the log flushes at most every 60 s), and half of them would be compared."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,17 +405,24 @@ class _Column:
     threshold: float
 
 
-def _plan_column(name: str, ftype: Literal["numerical", "categorical"], reference: pd.Series, current: pd.Series,
-                 override: StatTestOverride | None) -> _Column:
-    """The test Evidently will use for a column, by Evidently's own rule, on the reference and the whole window."""
+def _few_values(reference: pd.Series) -> bool:
+    """Whether Evidently's test choice for the column can depend on the current data's distinct values."""
+    return _clean(reference).nunique() < DISTINCT_VALUES_THAT_MATTER
+
+
+def _plan_column(name: str, ftype: Literal["numerical", "categorical"], reference: pd.Series,
+                 current: pd.Series | None, override: StatTestOverride | None) -> _Column:
+    """The test Evidently will use for a column, by Evidently's own rule, on the reference and the whole window.
+
+    The rule looks at the current data only through its distinct values, and only when the reference has
+    few of them (:func:`_few_values`), so ``current`` is needed (and read) only for those columns.
+    """
     from evidently.legacy.calculations.stattests.registry import get_stattest
     from evidently.legacy.core import ColumnType
 
     col_type = ColumnType.Numerical if ftype == "numerical" else ColumnType.Categorical
     ref = _clean(reference)
-    # The rule looks at the current data only through the distinct values, and only when the
-    # reference has few of them; skip the full column otherwise (it can be a million rows).
-    cur = _clean(current) if ref.nunique() < DISTINCT_VALUES_THAT_MATTER else ref.iloc[:0]
+    cur = _clean(current) if current is not None else ref.iloc[:0]
     try:
         test = get_stattest(ref, cur, col_type, override.stattest if override else None)
     except ValueError as exc:
@@ -414,7 +454,7 @@ def _check_stattest_names(card: ModelCard, overrides: dict[str, StatTestOverride
 
 def _sample_size(n_window: int, columns: list[_Column], reference: pd.DataFrame,
                  max_rows: int | None) -> tuple[int, str]:
-    """How many window rows Evidently gets, and why."""
+    """How many window rows Evidently gets, and why (see the module docstring)."""
     if max_rows is None:
         return n_window, "sampling disabled: the whole window"
     needed, rule = max_rows, f"cap of {max_rows} rows"
@@ -427,39 +467,170 @@ def _sample_size(n_window: int, columns: list[_Column], reference: pd.DataFrame,
             needed, rule = floor, (f"{P_VALUE_REFERENCE_FACTOR}x the {ref_rows} reference rows, "
                                    f"for the p-value test(s) {tests}")
     if n_window <= needed:
-        return n_window, f"whole window (under the {rule})"
+        return n_window, f"whole window (within the {rule})"
     return needed, rule
 
 
-def _keep_distinct_values(window: pd.DataFrame, positions: np.ndarray, columns: list[_Column],
-                          reference: pd.DataFrame) -> np.ndarray:
-    """Add the first row of rare values the sample missed, so Evidently picks the same test as on the whole window.
-
-    Only columns with few distinct values are concerned, and at most 5 rows per column are added.
-    """
+def _rare_value_rows(column: pd.Series, positions: np.ndarray, reference: pd.Series) -> list[int]:
+    """First rows of values the sample missed, enough for Evidently to count the distinct values it counts
+    on the whole window, and so pick the same test (at most 5 rows)."""
+    in_sample = set(_clean(reference).unique()) | set(_clean(column.iloc[positions]).unique())
     extra: list[int] = []
-    for column in columns:
-        ref_values = set(_clean(reference[column.name]).unique())
-        if len(ref_values) >= DISTINCT_VALUES_THAT_MATTER:
-            continue
-        in_sample = ref_values | set(_clean(window[column.name].iloc[positions]).unique())
-        if len(in_sample) >= DISTINCT_VALUES_THAT_MATTER:
-            continue
-        firsts = _clean(window[column.name]).drop_duplicates()
-        for position, value in firsts.items():
+    if len(in_sample) >= DISTINCT_VALUES_THAT_MATTER:
+        return extra
+    for position, value in _clean(column).drop_duplicates().items():
+        if value not in in_sample:
+            in_sample.add(value)
+            extra.append(int(position))
             if len(in_sample) >= DISTINCT_VALUES_THAT_MATTER:
                 break
-            if value not in in_sample:
-                in_sample.add(value)
-                extra.append(int(position))
-    if not extra:
-        return positions
-    return np.concatenate([positions, np.array(extra, dtype=positions.dtype)])
+    return extra
 
 
-def _check_overrides_used(overrides: dict[str, StatTestOverride], compared: set[str]) -> list[str]:
-    return [f"the stat test override for '{name}' is unused: the column is not compared"
-            for name in overrides if name not in compared]
+@dataclass
+class _Window:
+    """What the job takes from the window: its size and bounds, per-feature data quality, the compared rows."""
+
+    rows: int
+    first_row: datetime | None
+    last_row: datetime | None
+    quality: dict[str, tuple[float, float | None]]
+    current: pd.DataFrame
+    columns: list[_Column]
+    prediction: _Column | None
+    sample_rule: str
+    skipped: list[SkippedFeature]
+    notes: list[str]
+
+
+class _LogReader:
+    """Reads columns of one window of the log a few at a time, checking every read sees the same rows."""
+
+    def __init__(self, data_dir: Path, model: str, version: str, since: datetime | None, until: datetime,
+                 has_reason: bool) -> None:
+        self.args = (data_dir, model, version, since, until)
+        base = self._read([FALLBACK_REASON] if has_reason else [])
+        self.times = _times(base).copy()
+        self.by_model: np.ndarray | None = base[FALLBACK_REASON].isna().to_numpy() if has_reason else None
+        """Rows the model answered (the fallback answered the others): None when the log does not say."""
+        self.first_row = base["time"].min().to_pydatetime() if len(base) else None
+        self.last_row = base["time"].max().to_pydatetime() if len(base) else None
+
+    def _read(self, columns: list[str]) -> pd.DataFrame:
+        data_dir, model, version, since, until = self.args
+        return read_log(data_dir, model, version=version, since=since, until=until,
+                        columns=["time", "version", *columns])
+
+    def groups(self, columns: list[str]) -> Iterator[pd.DataFrame]:
+        """Frames of the window holding a few of ``columns`` each, row-aligned with :attr:`times`."""
+        per_read = max(1, READ_CELLS // max(len(self.times), 1))
+        for start in range(0, len(columns), per_read):
+            frame = self._read(columns[start:start + per_read])
+            if not np.array_equal(_times(frame), self.times):
+                _, model, version, since, until = self.args
+                raise DriftError(
+                    f"the prediction log of {model}:{version} changed while it was read ({len(self.times)} rows "
+                    f"in the window, then {len(frame)}): rows older than {until.isoformat()} were flushed late; "
+                    "run the job again, or with an earlier --until")
+            yield frame
+            del frame
+            _release_arrow_memory()
+
+
+def _times(frame: pd.DataFrame) -> np.ndarray:
+    """The ``time`` column as integers (an empty window comes back from ``read_log`` untyped)."""
+    return frame["time"].array.asi8 if len(frame) else np.empty(0, dtype=np.int64)
+
+
+def _release_arrow_memory() -> None:
+    # Arrow's allocator keeps freed memory for reuse; hand it back so Evidently's peak does not stack on it.
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
+def _read_window(reader: _LogReader, features: list[tuple[str, Literal["numerical", "categorical"]]],
+                 prediction: tuple[str, Literal["numerical", "categorical"]] | None, specs: dict[str, FeatureSpec],
+                 reference: pd.DataFrame, overrides: dict[str, StatTestOverride], max_rows: int | None,
+                 seed: int) -> _Window:
+    """Plan every column's test, choose the rows to compare, and take them from the log, a few columns at a time.
+
+    1. When sampling, columns whose test choice depends on the window's distinct values are read first:
+       their tests, and the rare rows the sample must keep (:func:`_rare_value_rows`).
+    2. Every column is then read for its data quality on the whole window and the rows to compare.
+    """
+    import pandas as pd
+
+    n = len(reader.times)
+    wanted = features + ([prediction] if prediction else [])
+    types = dict(wanted)
+    override_of = {name: overrides.get(PREDICTION_KEY if prediction and name == prediction[0] else name)
+                   for name in types}
+    few = [name for name in types if _few_values(reference[name])]
+    plans = {name: _plan_column(name, types[name], reference[name], None, override_of[name])
+             for name in types if name not in few}
+    # The p-value rule of the sample size only needs the kind of test, which the reference alone decides
+    # (the window's distinct values only switch between tests of the same kind); few-valued columns get
+    # their exact test in pass 1 and are planned from the reference here just for the size.
+    sizing = list(plans.values()) + [_plan_column(n_, types[n_], reference[n_], None, override_of[n_]) for n_ in few]
+    size, rule = _sample_size(n, sizing, reference, max_rows)
+    positions = time_stratified_positions(reader.times, size, seed)
+
+    def values(frame: pd.DataFrame, name: str) -> pd.Series:
+        # The prediction column holds the fallback's answers too; only the model's are its output.
+        column = frame[name]
+        if prediction and name == prediction[0] and reader.by_model is not None:
+            return column.where(reader.by_model)
+        return column
+
+    extra: set[int] = set()
+    for frame in reader.groups(few if size < n else []):  # pass 1, only needed when sampling
+        for name in frame.columns.drop(["time", "version"]):
+            plans[name] = _plan_column(name, types[name], reference[name], values(frame, name), override_of[name])
+            extra.update(_rare_value_rows(values(frame, name), positions, reference[name]))
+    if extra:
+        positions = np.concatenate([positions, np.fromiter(extra, dtype=positions.dtype)])
+        positions = positions[np.argsort(reader.times[positions], kind="stable")]
+        rule += f"; {len(extra)} row(s) added to keep rare values"
+
+    quality: dict[str, tuple[float, float | None]] = {}
+    parts: list[pd.DataFrame] = []
+    empty: set[str] = set()
+    for frame in reader.groups(list(types)):  # pass 2
+        names = list(frame.columns.drop(["time", "version"]))
+        for name in names:
+            column = values(frame, name)
+            if name not in plans:
+                plans[name] = _plan_column(name, types[name], reference[name], column, override_of[name])
+            if not column.notna().any():
+                empty.add(name)
+            elif name in specs:
+                quality[name] = _quality(column, types[name], specs[name])
+        parts.append(pd.DataFrame({name: values(frame, name).take(positions).reset_index(drop=True)
+                                   for name in names}))
+
+    skipped = [SkippedFeature(feature=name, reason="no values in the window") for name, _ in features if name in empty]
+    notes = []
+    prediction_plan = plans[prediction[0]] if prediction else None
+    fallback_rows = int(n - reader.by_model.sum()) if reader.by_model is not None else 0
+    if prediction and prediction[0] in empty:
+        why = "the fallback answered every row" if fallback_rows == n else f"'{prediction[0]}' has no values"
+        notes.append(f"prediction drift not computed: {why} in the window")
+        prediction_plan = None
+    elif prediction and fallback_rows:
+        notes.append(f"prediction drift compares the model's answers only: the fallback answered "
+                     f"{fallback_rows} of the {n} rows in the window")
+    return _Window(
+        rows=n, first_row=reader.first_row, last_row=reader.last_row, quality=quality,
+        current=pd.concat(parts, axis=1) if parts else pd.DataFrame(index=range(len(positions))),
+        columns=[plans[name] for name, _ in features if name not in empty],
+        prediction=prediction_plan, sample_rule=rule, skipped=skipped, notes=notes,
+    )
+
+
+def default_until(now: datetime | None = None) -> datetime:
+    """The end of a window when none is given: :data:`LOG_SETTLE` before now (UTC)."""
+    return (now or datetime.now(timezone.utc)) - LOG_SETTLE
 
 
 def run_drift(
@@ -480,27 +651,25 @@ def run_drift(
 
     ``version`` defaults to the newest registered version with logged rows in the
     window (else the newest version). The window is ``since <= time < until``
-    (UTC; naive datetimes are taken as UTC; ``until`` defaults to now, ``since`` to
-    the start of the log). ``stattests`` maps a feature (or ``"prediction"``) to
-    ``{"stattest": name, "threshold": value}`` (either may be left out); other
-    columns use Evidently's default choice. ``drift_share`` is the share of
-    drifted features at which the dataset counts as drifted. ``max_rows=None``
-    gives Evidently the whole window. ``progress`` is called with each of
-    :data:`STAGES` as it starts.
+    (UTC; naive datetimes are taken as UTC; ``until`` defaults to :func:`default_until`,
+    ``since`` to the start of the log). ``stattests`` maps a feature (or
+    ``"prediction"``) to ``{"stattest": name, "threshold": value}`` (either may be
+    left out); other columns use Evidently's default choice. ``drift_share`` is the
+    share of drifted features at which the dataset counts as drifted.
+    ``max_rows=None`` gives Evidently the whole window. ``progress`` is called with
+    each of :data:`STAGES` as it starts.
 
     Raises :class:`NotEnoughRows` when the window has fewer than ``min_rows`` rows,
     :class:`~service.errors.ModelNotFound` for an unknown model or version,
     :class:`DriftConfigError` for an unusable override or window, and
     :class:`DriftError` when nothing can be compared.
     """
-    import pandas as pd
-
     started = time.perf_counter()
     created_at = datetime.now(timezone.utc)
     report_stage = progress or (lambda stage: None)
     data_dir = Path(data_dir)
     since = _utc(since)
-    until = _utc(until) or created_at
+    until = _utc(until) or default_until(created_at)
     if since is not None and since >= until:
         raise DriftConfigError(f"the window is empty: since ({since.isoformat()}) is not before "
                                f"until ({until.isoformat()})")
@@ -512,8 +681,7 @@ def run_drift(
 
     # What to compare: the version's card, its reference data, and the columns the log holds.
     reg = Registry(registry)
-    if not reg.versions(model):
-        raise ModelNotFound(f"model '{model}' is not registered in {reg.root}")
+    _registered_versions(reg, model)
     report_stage(STAGES[0])
     version = version or _resolve_version(reg, data_dir, model, since, until)
     card = reg.card(model, version)
@@ -534,86 +702,68 @@ def run_drift(
         notes.append(f"prediction drift not computed: the reference data has no '{prediction_column}' column")
         prediction_column = None
 
-    # The window, whole: it decides the verdict threshold (min_rows), data quality and the tests.
-    wanted = [name for name, _ in features] + ([prediction_column] if prediction_column else [])
-    window = read_log(data_dir, model, version=version, since=since, until=until, columns=["time", "version", *wanted])
-    n_window = len(window)
-    if n_window < min_rows:
-        raise NotEnoughRows(model, version, n_window, min_rows, since, until)
-    specs = {spec.name: spec for spec in card.features}
-    quality: dict[str, tuple[float, float | None]] = {}
-    usable: list[tuple[str, Literal["numerical", "categorical"]]] = []
-    for name, ftype in features:
-        if window[name].notna().any():
-            usable.append((name, ftype))
-            quality[name] = _quality(window[name], ftype, specs[name])
-        else:
-            skipped.append(SkippedFeature(feature=name, reason="no values in the window"))
-    if not usable:
+    reader = _LogReader(data_dir, model, version, since, until,
+                        has_reason=not n_segments or FALLBACK_REASON in in_all)
+    if len(reader.times) < min_rows:
+        raise NotEnoughRows(model, version, len(reader.times), min_rows, since, until)
+    if not features:
         raise DriftError(f"no feature of {model}:{version} can be compared: "
                          + "; ".join(f"{s.feature}: {s.reason}" for s in skipped))
-    if prediction_column and not window[prediction_column].notna().any():
-        notes.append(f"prediction drift not computed: '{prediction_column}' has no values in the window")
-        prediction_column = None
-    notes += _check_overrides_used(overrides, {n for n, _ in usable} | ({PREDICTION_KEY} if prediction_column else set()))
 
     report_stage(STAGES[1])
     import evidently
 
-    columns = [_plan_column(n, t, reference[n], window[n], overrides.get(n)) for n, t in usable]
-    prediction = (_plan_column(prediction_column, prediction_type, reference[prediction_column],
-                               window[prediction_column], overrides.get(PREDICTION_KEY))
-                  if prediction_column else None)
-    compared = columns + ([prediction] if prediction else [])
-
-    # Reduce both sides to what the verdicts need (module docstring); the same window draws the same rows.
-    seed = _seed(model, version, since, until, n_window)
+    # The same window draws the same rows: the seed comes from what defines the window.
+    seed = _seed(model, version, since, until, len(reader.times))
     n_reference = len(reference)
     if max_rows is not None and n_reference > max_rows:
         reference = reference.sample(n=max_rows, random_state=seed % 2**32).reset_index(drop=True)
-    size, rule = _sample_size(n_window, compared, reference, max_rows)
-    times = window["time"].array.asi8
-    positions = time_stratified_positions(times, size, seed)
-    if size < n_window:
-        positions = _keep_distinct_values(window, positions, compared, reference)
-        positions = positions[np.argsort(times[positions], kind="stable")]
-    first_row, last_row = window["time"].min().to_pydatetime(), window["time"].max().to_pydatetime()
-    keep = [c.name for c in compared]
-    current = window.take(positions)[keep].reset_index(drop=True)
-    del window  # Evidently makes copies of its own; the whole window need not stay alongside them
+    window = _read_window(reader, features, (prediction_column, prediction_type) if prediction_column else None,
+                          {spec.name: spec for spec in card.features}, reference, overrides, max_rows, seed)
+    skipped += window.skipped
+    notes += window.notes
+    if not window.columns:
+        raise DriftError(f"no feature of {model}:{version} has values in the window")
+    compared = {c.name for c in window.columns} | ({PREDICTION_KEY} if window.prediction else set())
+    notes += [f"the stat test override for '{name}' is unused: the column is not compared"
+              for name in overrides if name not in compared]
 
     report_stage(STAGES[2])
-    snapshot, verdicts, share = _evidently_report(current, reference[keep], columns, prediction, drift_share)
-    drifted = [c.name for c in columns if verdicts[c.name][1]]
-    if round(share * len(columns)) != len(drifted):
-        notes.append(f"Evidently counted {round(share * len(columns))} drifted columns but flagged {len(drifted)}")
+    keep = [c.name for c in window.columns] + ([window.prediction.name] if window.prediction else [])
+    snapshot, verdicts, share = _evidently_report(window.current[keep], reference[keep], window.columns,
+                                                  window.prediction, drift_share)
+    drifted = [c.name for c in window.columns if verdicts[c.name][1]]
+    if round(share * len(window.columns)) != len(drifted):
+        notes.append(f"Evidently counted {round(share * len(window.columns))} drifted columns "
+                     f"but flagged {len(drifted)}")
 
     report_stage(STAGES[3])
     run_dir = _run_dir(data_dir, model, version, created_at, out)
     html_path, json_path = run_dir / REPORT_FILE, run_dir / RESULT_FILE
     _atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
-    sampled_current, sampled_reference = len(current) < n_window, len(reference) < n_reference
+    n_current = len(window.current)
+    sampled_current, sampled_reference = n_current < window.rows, len(reference) < n_reference
+    prediction = window.prediction
     result = DriftResult(
         model=model,
         version=version,
         task=card.task,
-        window=Window(since=since, until=until, first_row=first_row, last_row=last_row),
+        window=Window(since=since, until=until, first_row=window.first_row, last_row=window.last_row),
         rows=Rows(
-            window=n_window, current=len(current),
+            window=window.rows, current=n_current,
             current_sampling="time-stratified" if sampled_current else "none",
             reference_available=n_reference, reference=len(reference),
             reference_sampling="random" if sampled_reference else "none",
             seed=seed if sampled_current or sampled_reference else None,
-            sample_rule=rule + (f"; {len(current) - size} row(s) added to keep rare values"
-                                if len(current) > size else ""),
+            sample_rule=window.sample_rule,
         ),
         features={
             c.name: FeatureDrift(
                 type=c.type, stat_test=c.test.name, stat_test_display=c.test.display_name,
                 score=verdicts[c.name][0], threshold=c.threshold, drifted=verdicts[c.name][1],
-                missing_share=quality[c.name][0], out_of_range_share=quality[c.name][1],
+                missing_share=window.quality[c.name][0], out_of_range_share=window.quality[c.name][1],
             )
-            for c in columns
+            for c in window.columns
         },
         skipped_features=skipped,
         drifted_features=drifted,
@@ -624,7 +774,9 @@ def run_drift(
             column=prediction.name, type=prediction.type, stat_test=prediction.test.name,
             stat_test_display=prediction.test.display_name, score=verdicts[prediction.name][0],
             threshold=prediction.threshold, drifted=verdicts[prediction.name][1],
+            rows=int(window.current[prediction.name].notna().sum()),
         ) if prediction else None,
+        drift_detected=share >= drift_share or bool(prediction and verdicts[prediction.name][1]),
         notes=notes,
         evidently_version=evidently.__version__,
         duration_seconds=0.0,
@@ -636,8 +788,9 @@ def run_drift(
     text = result.model_dump_json(indent=2)
     _write_text_atomic(json_path, text)
     _write_text_atomic(_version_dir(data_dir, model, version) / LATEST_FILE, text)
-    log.info("drift %s:%s: %d/%d features drifted, dataset drift %s (%.1fs)", model, version, len(drifted),
-             len(columns), result.dataset_drift, result.duration_seconds)
+    log.info("drift %s:%s: %s; %d/%d features drifted, prediction drift %s (%.1fs)", model, version,
+             "drift" if result.drift_detected else "no drift", len(drifted), len(window.columns),
+             result.prediction.drifted if result.prediction else "n/a", result.duration_seconds)
     return result
 
 
@@ -669,6 +822,8 @@ def _comparable_features(card: ModelCard, in_all: set[str], in_some: dict[str, i
             reason = "not in the prediction log"
         elif spec.name not in reference.columns:
             reason = "not in the reference data"
+        elif not reference[spec.name].notna().any():
+            reason = "no values in the reference data"
         else:
             features.append((spec.name, "categorical" if spec.type == "string" else "numerical"))
             continue

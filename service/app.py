@@ -221,8 +221,10 @@ def _check_content_type(request: Request) -> None:
 @bentoml.service(
     name="vigil",
     workers=SETTINGS.workers,
-    # BentoML's own timeout stays as the outer safety net; Vigil answers 504 itself, sooner.
-    traffic={"timeout": SETTINGS.request_timeout_seconds + 30},
+    # BentoML's own timeout stays as the outer safety net just past Vigil's (which answers 504
+    # itself). Its middleware keeps a timer per request alive for the whole timeout, so a
+    # long one holds memory in proportion to request rate times timeout.
+    traffic={"timeout": SETTINGS.request_timeout_seconds + 1},
     # Per-request access logs cost a log line per prediction; Prometheus counts requests.
     logging={"access": {"enabled": False}},
     # BentoML's HTTP metrics label requests with the raw path (unbounded on 404s); the edge
@@ -304,8 +306,10 @@ class Vigil:
             return _json(error_body(busy), busy.status_code, {"Retry-After": "1", "X-Request-ID": request_id})
         self._in_flight += 1
         try:
-            return await asyncio.wait_for(self._predict(request, request_id), self.settings.request_timeout_seconds)
-        except asyncio.TimeoutError:
+            # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
+            async with asyncio.timeout(self.settings.request_timeout_seconds):
+                return await self._predict(request, request_id)
+        except TimeoutError:
             if self.metrics is not None:
                 self.metrics.request_timeouts.labels("/predict").inc()
             late = RequestTimeout(f"the request took longer than {self.settings.request_timeout_seconds:g} s")

@@ -197,8 +197,9 @@ def run(
                                             help="Registry directory (default: $VIGIL_REGISTRY, else ./models)."),
     prune_days: int = typer.Option(30, "--prune-days", min=0,
                                    help="Afterwards, delete prediction log days older than this (0: keep all)."),
-    stattest: list[str] = typer.Option([], "--stattest", help="FEATURE=TEST[:THRESHOLD] instead of Evidently's "
-                                                              "default test (repeatable; 'prediction' for the output)."),
+    stattest: list[str] = typer.Option(
+        [], "--stattest",
+        help="FEATURE=TEST[:THRESHOLD] instead of Evidently's default test (repeatable; 'prediction' for the output)."),
     drift_share: float = typer.Option(0.5, "--drift-share", min=0.0, max=1.0,
                                       help="Share of drifted features at which the dataset counts as drifted."),
     max_rows: int = typer.Option(50_000, "--max-rows", min=0,

@@ -254,7 +254,8 @@ class ModelServer:
         card = served.card
         health = served.health
         was = health.drift_detected
-        health.drift_detected = bool(result.dataset_drift)
+        # The job's verdict (exit code 3): Evidently's dataset rule, or drift of the model's own output.
+        health.drift_detected = bool(result.drift_detected)
         health.drift_share = float(result.drift_share)
         health.drift_checked_at = result.created_at
         if health.drift_detected != was:
@@ -263,7 +264,7 @@ class ModelServer:
         if self.metrics is None:
             return
         m, v = card.name, card.version
-        self.metrics.drift_detected.labels(m, v).set(1 if result.dataset_drift else 0)
+        self.metrics.drift_detected.labels(m, v).set(1 if result.drift_detected else 0)
         self.metrics.drift_share.labels(m, v).set(result.drift_share)
         self.metrics.drift_rows.labels(m, v).set(result.rows.window)
         self.metrics.drift_last_run.labels(m, v).set(result.created_at.timestamp())

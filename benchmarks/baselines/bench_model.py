@@ -61,8 +61,8 @@ class BenchModel:
         keys = [str(label) for label in self.labels]
         labels = self.labels
         return [
-            {"label": labels[index], "probabilities": dict(zip(keys, row))}
-            for index, row in zip(probabilities.argmax(axis=1).tolist(), probabilities.tolist())
+            {"label": labels[index], "probabilities": dict(zip(keys, row, strict=True))}
+            for index, row in zip(probabilities.argmax(axis=1).tolist(), probabilities.tolist(), strict=True)
         ]
 
 
