@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SMALL_BATCH = 8
+"""Up to this many rows, per-row Python is cheaper than numpy's fixed per-call cost."""
 PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
@@ -345,6 +347,9 @@ class BoundModelMetrics:
 
     def record_predictions(self, predictions: Predictions) -> None:
         """Count answered instances and their class or value distribution (finite outputs only)."""
+        if len(predictions.values if predictions.values is not None else predictions.labels or ()) <= SMALL_BATCH:
+            self._record_few(predictions)
+            return
         if predictions.values is not None:
             values = predictions.values
             n = len(values)
@@ -360,6 +365,24 @@ class BoundModelMetrics:
             if self.binary:
                 observe_many(self.prediction_value, probs[finite_rows, 1])
         self.predictions.inc(n)
+
+    def _record_few(self, predictions: Predictions) -> None:
+        # A few rows: plain Python beats numpy, whose per-call overhead dominates tiny arrays.
+        if predictions.values is not None:
+            values = predictions.values.tolist()
+            for value in values:
+                if math.isfinite(value):
+                    self.prediction_value.observe(value)
+            self.predictions.inc(len(values))
+            return
+        assert predictions.probabilities is not None
+        rows = predictions.probabilities.tolist()
+        for row in rows:
+            if all(math.isfinite(p) for p in row):
+                self.classes[max(range(len(row)), key=row.__getitem__)].inc()
+                if self.binary:
+                    self.prediction_value.observe(row[1])
+        self.predictions.inc(len(rows))
 
     def record_invalid_outputs(self, count: int) -> None:
         """Count model outputs that were non-finite or outside the allowed range."""

@@ -166,11 +166,16 @@ def invalid_rows(card: ModelCard, predictions: Predictions, margin: float) -> np
                 bad |= (values < allowed[0]) | (values > allowed[1])
         return bad
     assert predictions.probabilities is not None
-    return ~np.isfinite(predictions.probabilities).all(axis=1)
+    finite = np.isfinite(predictions.probabilities)
+    if finite.all():  # the common case, one check for the whole batch
+        return np.zeros(len(finite), dtype=bool)
+    return ~finite.all(axis=1)
 
 
 def merge(size: int, parts: list[tuple[np.ndarray, Predictions]]) -> Predictions:
     """Assemble row-aligned predictions from parts, each given with the row indices it answers."""
+    if len(parts) == 1 and len(parts[0][0]) == size:
+        return parts[0][1]  # one predictor answered every row, in order
     first = parts[0][1]
     if first.values is not None:
         values = np.empty(size, dtype=np.float64)
