@@ -41,6 +41,8 @@ def register(
     version: Optional[str] = typer.Option(None, "--version", help="Version name (default: next integer)."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="JSON/YAML with training parameters and metrics for the card."),
     pii: list[str] = typer.Option([], "--pii", help="FEATURE=hash|drop: personal data, never logged in clear (repeatable)."),
+    fallback: Optional[Path] = typer.Option(None, "--fallback", help="YAML declaring the fallback: rules or bucket_median (default: prior/median of the reference)."),
+    output_range: Optional[str] = typer.Option(None, "--output-range", metavar="MIN,MAX", help="Allowed range of regression outputs (default: the reference range widened by the deploy policy's margin)."),
     registry: Optional[Path] = RegistryOption,
 ) -> None:
     """Validate a model against its reference data and add it to the registry as a new version."""
@@ -62,9 +64,27 @@ def register(
         if not sep or not feature:
             _fail(f"--pii expects FEATURE=hash or FEATURE=drop, got '{item}'", 2)
         pii_map[feature] = treatment
+    declared = None
+    if fallback is not None:
+        try:
+            declared = yaml.safe_load(fallback.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            _fail(f"cannot read --fallback {fallback}: {exc}", 2)
+        if not isinstance(declared, dict):
+            _fail(f"--fallback {fallback} must hold a mapping with a 'kind'", 2)
+    bounds = None
+    if output_range is not None:
+        try:
+            low, high = (float(v) for v in output_range.split(","))
+        except ValueError:
+            _fail(f"--output-range expects MIN,MAX, got '{output_range}'", 2)
+        if not low < high:
+            _fail(f"--output-range: MIN must be below MAX, got '{output_range}'", 2)
+        bounds = (low, high)
     try:
         card = register_model(name, model, reference, target=target, task=task,  # type: ignore[arg-type]
-                              version=version, registry=registry, metadata=meta, pii=pii_map)
+                              version=version, registry=registry, metadata=meta, pii=pii_map,
+                              fallback=declared, output_range=bounds)
     except VigilError as exc:
         _fail(exc.message)
     out.print(f"registered [bold]{card.name}:{card.version}[/] ({card.task}, {len(card.features)} features, "

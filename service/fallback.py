@@ -18,6 +18,7 @@ import operator
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import ValidationError
 
 from service.errors import RegistryError
 from service.registry import (
@@ -46,12 +47,16 @@ def derive_fallback(task: str, labels: list[Any] | None, reference: Any, target:
     truth = truth.dropna()
     if declared is not None:
         kind = declared.get("kind")
-        if kind == "rules":
-            return RulesFallback.model_validate(declared)
-        if kind == "bucket_median":
-            if task != "regression":
-                raise RegistryError("fallback kind 'bucket_median' is for regression models")
-            return _bucket_medians(BucketMedianFallback.model_validate(declared), reference, truth)
+        try:
+            if kind == "rules":
+                return RulesFallback.model_validate(declared)
+            if kind == "bucket_median":
+                if task != "regression":
+                    raise RegistryError("fallback kind 'bucket_median' is for regression models")
+                return _bucket_medians(BucketMedianFallback.model_validate(declared), reference, truth)
+        except ValidationError as exc:
+            problems = "; ".join(f"fallback.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise RegistryError(f"invalid declared fallback: {problems}") from None
         if kind in ("prior", "median"):
             pass  # derived below; a declared prior/median is just a request for the default
         else:
