@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -282,10 +283,47 @@ def exposition() -> tuple[bytes, str]:
     if multiproc_dir:
         from prometheus_client import multiprocess
 
+        forget_dead_workers(multiproc_dir)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+_LIVE_GAUGE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_worker_pids(multiproc_dir: str) -> set[int]:
+    """Pids of processes that write live gauges (Vigil's workers) and are still running."""
+    pids = {int(m.group(1)) for name in os.listdir(multiproc_dir) if (m := _LIVE_GAUGE.match(name))}
+    return {pid for pid in pids if _pid_alive(pid)}
+
+
+def forget_dead_workers(multiproc_dir: str) -> list[int]:
+    """Drop the live-mode gauge files of workers that died without cleaning up (SIGKILL, OOM).
+
+    prometheus_client only forgets a process when ``mark_process_dead`` is called,
+    which a killed worker never does: its in-progress counts and per-worker gauges
+    would stay exported forever. Counters and histograms are kept (they must not
+    go backwards).
+    """
+    from prometheus_client import multiprocess
+
+    dead = {int(m.group(1)) for name in os.listdir(multiproc_dir) if (m := _LIVE_GAUGE.match(name))}
+    dead = {pid for pid in dead if not _pid_alive(pid)}
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, multiproc_dir)
+    return sorted(dead)
 
 
 class _MergedFamily:

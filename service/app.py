@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -53,7 +54,7 @@ from service.settings import Settings
 
 from service.edge import EdgeMiddleware
 from service.feedback import FEEDBACK_BODY, FeedbackService
-from monitoring.metrics import ProcessSampler, VigilMetrics, exposition
+from monitoring.metrics import ProcessSampler, VigilMetrics, exposition, live_worker_pids
 from monitoring.predlog import PredictionLog
 
 log = logging.getLogger("vigil.app")
@@ -268,9 +269,21 @@ class Vigil:
         return True
 
     def readiness(self) -> dict[str, Any]:
-        """What ``/readyz`` answers: ready, and every model that does not serve from its own model, with why."""
-        return {"ready": self.__is_ready__(), "not_ready": self.server.not_ready(),
-                "models": {m["name"]: m["state"] for m in self.server.describe()}}
+        """What ``/readyz`` answers: ready, every model that does not serve from its own model, and the workers.
+
+        A dead worker makes the service not ready: outside a container BentoML
+        replaces it within seconds, inside one (``BENTOML_CONTAINERIZED``) it does
+        not, and the orchestrator must see that instead of a silently smaller server.
+        """
+        report: dict[str, Any] = {"ready": self.__is_ready__(), "not_ready": self.server.not_ready(),
+                                  "models": {m["name"]: m["state"] for m in self.server.describe()}}
+        multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if multiproc_dir and self.metrics is not None:
+            alive = len(live_worker_pids(multiproc_dir))
+            report["workers"] = {"expected": self.settings.workers, "alive": alive}
+            if alive < self.settings.workers:
+                report["ready"] = False
+        return report
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:

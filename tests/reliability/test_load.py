@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,3 +114,64 @@ def test_sigkill_of_a_worker_mid_load(example_registry: Path, tmp_path: Path) ->
             values = [float(v) for _, v in series["data"]["result"][0]["values"]]
             assert values == sorted(values), "a counter went backwards"
             assert prom.value('sum(resets(vigil_predictions_total{model="cancer"}[1m]))') == 0
+
+
+def test_containerized_worker_death_is_visible_in_readiness(example_registry: Path) -> None:
+    with vigil_server(example_registry, workers=2, env={"BENTOML_CONTAINERIZED": "true"}) as server:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and server.get("/readyz").json().get("workers", {}).get("alive") != 2:
+            time.sleep(0.3)
+        assert server.get("/readyz").status_code == 200
+        victim = worker_processes(server.proc.pid)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        seen: dict = {}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            response = server.get("/readyz")
+            seen = {"status": response.status_code, **response.json()}
+            if response.status_code == 503:
+                break
+            time.sleep(0.3)
+        if seen["status"] == 503:
+            assert seen["workers"] == {"expected": 2, "alive": 1}
+        else:  # BentoML replaced the worker after all: then both must be alive again
+            assert seen["workers"]["alive"] == 2 and len(worker_processes(server.proc.pid)) == 2
+
+
+def test_killed_worker_leaves_no_stuck_in_progress_gauge(example_registry: Path, trained_examples: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    from service.registry import register_model
+    from tests.onnx_graphs import modified_regressor
+
+    root = tmp_path / "models"
+    shutil.copytree(example_registry, root)
+    slow = modified_regressor(trained_examples["diabetes"] / "model.onnx", tmp_path / "slow.onnx",
+                              delay_iterations=3_000_000)
+    register_model("glacial", slow, trained_examples["diabetes"] / "reference.parquet", target="target", registry=root)
+    deploy = tmp_path / "deploy.yaml"
+    deploy.write_text("models:\n  glacial:\n    timeout_ms: 60000\n")
+    row = {"age": 50.0, "sex": 1.0, "bmi": 25.0, "bp": 90.0, "s1": 180.0, "s2": 100.0, "s3": 50.0, "s4": 4.0,
+           "s5": 4.5, "s6": 90.0}
+    with vigil_server(root, workers=1, env={"VIGIL_DEPLOY": str(deploy), "VIGIL_REQUEST_TIMEOUT_SECONDS": "60"}) \
+            as server:
+        caller = subprocess.Popen([sys.executable, "-c", (
+            "import httpx,sys; httpx.post(sys.argv[1] + '/predict', json={'model': 'glacial', 'instances': ["
+            + repr(row) + "]}, timeout=60)"), server.url], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not metric_value(
+                server.metrics_text(), "vigil_http_requests_in_progress", endpoint="/predict"):
+            time.sleep(0.1)
+        assert metric_value(server.metrics_text(), "vigil_http_requests_in_progress", endpoint="/predict") == 1
+        victim = worker_processes(server.proc.pid)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        caller.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if server.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        # The dead worker's +1 is gone (the series disappears until the new worker serves /predict).
+        assert (metric_value(server.metrics_text(), "vigil_http_requests_in_progress", endpoint="/predict") or 0) == 0

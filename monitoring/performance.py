@@ -1,0 +1,581 @@
+"""The quality ("performance") job: how good a model version's served predictions were, once the truth arrived.
+
+:func:`run_performance` joins the ground truth stored by ``POST /feedback``
+(:func:`monitoring.feedback.read_feedback`) with the prediction log
+(:func:`monitoring.predlog.read_log`) by request id and instance index, computes
+the model's quality on the joined rows with Evidently, compares it with the
+training metrics of the version's card, and writes::
+
+    <data_dir>/performance/<model>/<version>/<UTC timestamp>/report.html   Evidently's own report
+    <data_dir>/performance/<model>/<version>/<UTC timestamp>/result.json   a PerformanceResult
+    <data_dir>/performance/<model>/<version>/latest.json                   the newest PerformanceResult (atomic)
+
+Choices, and why:
+
+- **The window is on prediction time.** ``since <= time < until`` selects the
+  *served* predictions (the log's ``time``); their feedback counts whenever it
+  arrived, because labels come late (a churn is known a month later). A run over
+  the last 7 days therefore grows more complete as feedback keeps arriving.
+- **Rows the fallback answered are left out** of the model's quality (and of
+  the prediction bias): the log's ``reason`` says the heuristic answered them,
+  so they say nothing about the model. They are counted in ``rows.fallback``
+  and named in the notes.
+- **Classification** quality is Evidently's ``ClassificationPreset`` on the
+  served labels (accuracy, precision, recall, F1). A binary model's precision,
+  recall and F1 are those of its positive class (the card's second label, whose
+  probability the log keeps as ``prediction_score``); a multiclass model's are
+  macro averages. ROC AUC comes from the positive-class score (binary models
+  only: the log keeps only the top probability of a multiclass model). The score
+  is a separate Evidently task on purpose: given a score, Evidently re-derives
+  labels by thresholding it at 0.5, while the quality of what was *served* is
+  that of the labels the model answered.
+- **Regression** quality is Evidently's ``RegressionPreset``: MAE, RMSE, MAPE
+  and R². MAPE is stored as a fraction, like scikit-learn's
+  ``mean_absolute_percentage_error`` and training scripts' card metrics
+  (Evidently reports percent), and is left out when an actual is 0 or negative,
+  where it is undefined.
+- **Prediction bias**: for classification, per class, the share of rows
+  predicted as the class minus the share observed; for regression, the mean
+  error ``actual - predicted`` (positive: the model under-predicts), exported
+  under the class ``value``.
+- **Degraded** is judged against the card's ``training.metrics`` for every
+  metric present in both: a score (accuracy, precision, recall, F1, ROC AUC,
+  R²) that dropped by more than ``tolerance`` (absolute: 0.05 is five points of
+  accuracy), or an error (MAE, RMSE, MAPE) that grew by more than
+  ``error_tolerance`` of the baseline (relative: 0.10 is 10% worse). Errors are
+  in the target's unit, so no absolute number fits every model; scores are on
+  [0, 1], where an absolute drop reads naturally.
+
+Evidently takes seconds to import, so it is imported only once the window has
+enough joined rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from monitoring.drift import (
+    FALLBACK_REASON,
+    Window,
+    _atomic_write,
+    _registered_versions,
+    _utc,
+    _write_text_atomic,
+    default_until,
+)
+from monitoring.feedback import read_feedback
+from monitoring.predlog import read_log
+from service.registry import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard, Registry
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger("vigil.performance")
+
+PERFORMANCE_DIR = "performance"
+REPORT_FILE = "report.html"
+RESULT_FILE = "result.json"
+LATEST_FILE = "latest.json"
+
+DEFAULT_TOLERANCE = 0.05
+"""Largest allowed absolute drop of a score metric below the card's baseline."""
+DEFAULT_ERROR_TOLERANCE = 0.10
+"""Largest allowed rise of an error metric above the card's baseline, as a share of the baseline."""
+
+STAGES = ("joining feedback to the prediction log", "loading Evidently", "computing quality", "writing the report")
+"""What :func:`run_performance` reports to its ``progress`` callback, in order."""
+
+SCORE_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "r2")
+"""Metrics where higher is better: degraded below ``baseline - tolerance``."""
+ERROR_METRICS = ("mae", "rmse", "mape")
+"""Metrics where lower is better: degraded above ``baseline * (1 + error_tolerance)``."""
+BASELINE_ALIASES = {
+    "accuracy_score": "accuracy", "precision_score": "precision", "recall_score": "recall", "f1_score": "f1",
+    "roc_auc_score": "roc_auc", "auc": "roc_auc", "r2_score": "r2", "mean_absolute_error": "mae",
+    "root_mean_squared_error": "rmse", "mean_absolute_percentage_error": "mape",
+}
+"""Card metric names as scikit-learn spells them -> the names used here."""
+REGRESSION_BIAS_KEY = "value"
+"""Key of a regression model's mean error in :attr:`PerformanceResult.prediction_bias` (the gauge's ``class``)."""
+
+ACTUAL_COLUMN = "actual"
+"""Feedback column of a classification actual (the label as text)."""
+ACTUAL_VALUE_COLUMN = "actual_value"
+"""Feedback column of a regression actual."""
+LOG_COLUMNS = ["time", "request_id", "index", "version", "variant", FALLBACK_REASON, PREDICTION_COLUMN, SCORE_COLUMN]
+_LABELS_TASK = "default"
+"""Evidently task over the served labels (``default``: Evidently's per-label metrics relabel through it)."""
+_SCORES_TASK = "scores"
+"""Evidently task over the positive-class score, for ROC AUC only."""
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class PerformanceError(Exception):
+    """The quality job cannot run; the message says why."""
+
+
+class PerformanceConfigError(PerformanceError):
+    """The job was asked for something that cannot work (window, tolerance)."""
+
+
+class NotEnoughFeedback(PerformanceError):
+    """The window holds fewer predictions with feedback (answered by the model) than the job needs."""
+
+    def __init__(self, model: str, version: str, rows: int, min_rows: int, since: datetime | None,
+                 until: datetime, fallback: int = 0) -> None:
+        window = f"{since.isoformat() if since else 'the start of the log'} to {until.isoformat()}"
+        excluded = f" ({fallback} more answered by the fallback, which do not count)" if fallback else ""
+        super().__init__(f"{model}:{version} has {rows} prediction(s) with feedback from {window}{excluded}; "
+                         f"at least {min_rows} are needed for a quality verdict")
+        self.model = model
+        self.version = version
+        self.rows = rows
+        self.min_rows = min_rows
+        self.since = since
+        self.until = until
+        self.fallback = fallback
+
+
+# ----------------------------------------------------------------------------- result
+
+
+class FeedbackRows(BaseModel):
+    """How many predictions of the window had feedback, and which of them were judged."""
+
+    logged: int
+    """Predictions of this version in the window (the log's rows)."""
+    with_feedback: int
+    """Of those, predictions that have feedback."""
+    fallback: int
+    """Predictions with feedback that the fallback answered: not the model's, left out of quality and bias."""
+    evaluated: int
+    """Predictions with feedback answered by the model: what quality and bias are computed on."""
+    by_variant: dict[str, int]
+    """Evaluated rows per variant the version served as (``stable``, ``canary``)."""
+    feedback_coverage: float
+    """``with_feedback / logged``: how much of the window the truth covers so far."""
+
+
+class ClassShare(BaseModel):
+    """One class: how often it was predicted and observed among the evaluated rows."""
+
+    predicted: float
+    observed: float
+    bias: float
+    """``predicted - observed``: positive when the model predicts the class more often than it happens."""
+
+
+class BaselineCheck(BaseModel):
+    """One live metric against the card's training metric."""
+
+    kind: Literal["score", "error"]
+    """``score``: higher is better, absolute tolerance; ``error``: lower is better, relative tolerance."""
+    baseline: float
+    live: float
+    change: float
+    """``live - baseline``."""
+    limit: float
+    """The worst live value still accepted: ``baseline - tolerance`` or ``baseline * (1 + error_tolerance)``."""
+    degraded: bool
+
+
+class PerformanceResult(BaseModel):
+    """What one quality run concluded; stored as ``result.json`` and ``latest.json``."""
+
+    schema_version: int = 1
+    model: str
+    version: str
+    task: str
+    window: Window
+    """The prediction-time window (``first_row``/``last_row``: the version's logged predictions in it)."""
+    rows: FeedbackRows
+    metrics: dict[str, float | None]
+    """Classification: accuracy, precision, recall, f1, roc_auc; regression: mae, rmse, mape (fraction), r2.
+    None when a metric cannot be computed on the window (the notes say why)."""
+    averaging: Literal["binary", "macro"] | None = None
+    """How precision, recall and F1 were averaged (classification)."""
+    positive_label: str | None = None
+    """The class whose precision/recall/F1/ROC AUC a binary model is judged on (the card's second label)."""
+    class_shares: dict[str, ClassShare] = Field(default_factory=dict)
+    """Per class (the card's labels, as text), classification only."""
+    prediction_bias: dict[str, float]
+    """What ``vigil_prediction_bias{class}`` exports: class -> predicted minus observed share (classification),
+    or ``value`` -> mean of ``actual - predicted`` (regression)."""
+    baseline: dict[str, BaselineCheck]
+    """Metrics of the card's ``training.metrics`` that were also computed live."""
+    unchecked_baseline: list[str] = Field(default_factory=list)
+    """Card metrics that could not be compared (not computed live, or not known to be a score or an error)."""
+    tolerance: float
+    error_tolerance: float
+    degraded_metrics: list[str]
+    quality_degraded: bool
+    """The job's verdict (``vigil performance run`` exits 3): some baseline metric is beyond its tolerance."""
+    notes: list[str] = Field(default_factory=list)
+    evidently_version: str
+    duration_seconds: float
+    created_at: datetime
+    report_html: str
+    result_json: str
+
+
+# ----------------------------------------------------------------------------- joining
+
+
+def _joined_window(data_dir: Path, model: str, task: str, since: datetime | None,
+                   until: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the window's logged predictions of every version, those with feedback joined: column ``actual``).
+
+    The actual is text for classification (as feedback stores it) and a float for regression.
+    """
+    import pandas as pd
+
+    logged = read_log(data_dir, model, since=since, until=until, columns=LOG_COLUMNS)
+    feedback = read_feedback(data_dir, model)
+    column = ACTUAL_COLUMN if task == "classification" else ACTUAL_VALUE_COLUMN
+    if column not in feedback.columns or not len(logged):
+        return logged, logged.iloc[:0].assign(actual=pd.Series(dtype=object))
+    # Feedback keeps its own version/variant copies; the log's are authoritative, so only the actual is taken.
+    truth = feedback[["request_id", "index", column]].dropna(subset=[column]).rename(columns={column: "actual"})
+    truth["index"] = truth["index"].astype(np.int64)
+    keyed = logged.assign(index=logged["index"].astype(np.int64)).drop_duplicates(["request_id", "index"])
+    joined = keyed.merge(truth, on=["request_id", "index"], how="inner", validate="one_to_one")
+    return logged, joined.sort_values(["time", "index"], kind="stable").reset_index(drop=True)
+
+
+def _resolve_version(reg: Registry, model: str, joined: pd.DataFrame) -> str:
+    """The newest registered version with feedback in the window, else the newest version."""
+    versions = _registered_versions(reg, model)
+    present = set(joined["version"].unique()) if len(joined) else set()
+    with_feedback = [v for v in versions if v in present]
+    return (with_feedback or versions)[-1]
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def _class_shares(predicted: pd.Series, actual: pd.Series, labels: list[str]) -> dict[str, ClassShare]:
+    """Predicted and observed share of every class (the card's labels, then any other label seen)."""
+    seen = set(predicted.unique()) | set(actual.unique())
+    classes = labels + sorted(seen - set(labels))
+    n = len(predicted)
+    shares = {}
+    for label in classes:
+        p = int((predicted == label).sum()) / n
+        o = int((actual == label).sum()) / n
+        shares[label] = ClassShare(predicted=p, observed=o, bias=p - o)
+    return shares
+
+
+def _run_report(metrics: list[Any], frame: pd.DataFrame, definition: Any) -> Any:
+    from evidently import Dataset, Report
+
+    with warnings.catch_warnings():
+        # Evidently's legacy code trips pandas/numpy deprecation warnings that say nothing about the data.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return Report(metrics).run(Dataset.from_pandas(frame, data_definition=definition), None)
+
+
+def _value(results: dict[str, Any], metric: Any, name: str) -> float | None:
+    """A metric's value read from the snapshot by the metric's id (mean of a mean/std metric); None when NaN."""
+    result = results.get(metric.metric_id)
+    if result is None:
+        raise PerformanceError(f"Evidently's report has no {name} result (metric {metric.metric_id})")
+    value = float(result.mean.value if hasattr(result, "mean") else result.value)
+    return value if math.isfinite(value) else None
+
+
+def _classification_quality(rows: pd.DataFrame, card: ModelCard
+                            ) -> tuple[Any, dict[str, float | None], str | None, list[str]]:
+    """(snapshot, metrics, positive label, notes) of the served labels (and the positive-class score)."""
+    import pandas as pd
+    from evidently import BinaryClassification, DataDefinition, MulticlassClassification
+    from evidently.metrics import Accuracy, F1Score, Precision, Recall, RocAuc
+    from evidently.presets import ClassificationPreset
+
+    labels = [str(label) for label in card.labels or []]
+    binary = len(labels) == 2
+    positive = labels[1] if binary else None
+    # Labels as text on both sides: feedback stores them so, and it keeps int and string labels alike.
+    frame = pd.DataFrame({"actual": rows["actual"].astype(str).to_numpy(),
+                          PREDICTION_COLUMN: rows[PREDICTION_COLUMN].astype(str).to_numpy()})
+    notes: list[str] = []
+    tasks: list[Any]
+    if binary:
+        tasks = [BinaryClassification(name=_LABELS_TASK, target="actual", prediction_labels=PREDICTION_COLUMN,
+                                      pos_label=positive)]
+    else:
+        tasks = [MulticlassClassification(name=_LABELS_TASK, target="actual", prediction_labels=PREDICTION_COLUMN)]
+        notes.append("roc_auc not computed: the prediction log keeps only the top probability of a multiclass model")
+    scores = rows[SCORE_COLUMN].to_numpy(dtype=np.float64, na_value=np.nan) if binary else None
+    with_auc = False
+    if scores is not None:
+        if np.isnan(scores).any():
+            notes.append(f"roc_auc not computed: {int(np.isnan(scores).sum())} row(s) have no {SCORE_COLUMN}")
+        elif frame["actual"].nunique() < 2:
+            notes.append("roc_auc not computed: the actuals hold only one class")
+        else:
+            with_auc = True
+            frame[SCORE_COLUMN] = scores
+            tasks.append(BinaryClassification(name=_SCORES_TASK, target="actual", prediction_probas=SCORE_COLUMN,
+                                              pos_label=positive))
+    definition = DataDefinition(classification=tasks, categorical_columns=["actual", PREDICTION_COLUMN],
+                                numerical_columns=[SCORE_COLUMN] if with_auc else [])
+    named = {"accuracy": Accuracy(classification_name=_LABELS_TASK),
+             "precision": Precision(classification_name=_LABELS_TASK),
+             "recall": Recall(classification_name=_LABELS_TASK),
+             "f1": F1Score(classification_name=_LABELS_TASK)}
+    metrics: list[Any] = [ClassificationPreset(classification_name=_LABELS_TASK)]
+    if with_auc:
+        named["roc_auc"] = RocAuc(classification_name=_SCORES_TASK)
+        metrics.append(named["roc_auc"])
+    snapshot = _run_report(metrics, frame, definition)
+    values = {name: _value(snapshot.metric_results, metric, name) for name, metric in named.items()}
+    values.setdefault("roc_auc", None)
+    return snapshot, values, positive, notes
+
+
+def _regression_quality(rows: pd.DataFrame) -> tuple[Any, dict[str, float | None], float, list[str]]:
+    """(snapshot, metrics, mean of actual - predicted, notes) with Evidently's RegressionPreset."""
+    import pandas as pd
+    from evidently import DataDefinition, Regression
+    from evidently.metrics import MAE, MAPE, RMSE, MeanError, R2Score
+    from evidently.presets import RegressionPreset
+
+    frame = pd.DataFrame({"actual": rows["actual"].to_numpy(dtype=np.float64),
+                          PREDICTION_COLUMN: rows[PREDICTION_COLUMN].to_numpy(dtype=np.float64)})
+    definition = DataDefinition(regression=[Regression(target="actual", prediction=PREDICTION_COLUMN)],
+                                numerical_columns=["actual", PREDICTION_COLUMN])
+    snapshot = _run_report([RegressionPreset()], frame, definition)
+    results = snapshot.metric_results
+    values = {"mae": _value(results, MAE(), "MAE"), "rmse": _value(results, RMSE(), "RMSE"),
+              "mape": _value(results, MAPE(), "MAPE"), "r2": _value(results, R2Score(), "R2")}
+    notes = []
+    non_positive = int((frame["actual"] <= np.finfo(np.float64).eps).sum())
+    if non_positive:
+        # Evidently divides by max(actual, eps): a percentage of a zero or negative actual means nothing.
+        values["mape"] = None
+        notes.append(f"mape not computed: {non_positive} actual(s) are zero or negative")
+    elif values["mape"] is not None:
+        values["mape"] /= 100.0  # Evidently reports percent; cards and scikit-learn use a fraction
+    mean_error = _value(results, MeanError(), "MeanError")
+    if mean_error is None:
+        raise PerformanceError("Evidently's mean error is not finite")
+    return snapshot, values, -mean_error, notes  # Evidently's error is predicted - actual
+
+
+def compare_with_baseline(live: dict[str, float | None], baseline: dict[str, float], tolerance: float,
+                          error_tolerance: float) -> tuple[dict[str, BaselineCheck], list[str]]:
+    """Judge each live metric against the card's training metric of the same name.
+
+    Returns (checks of the metrics present in both, card metrics that could not be compared).
+    """
+    checks: dict[str, BaselineCheck] = {}
+    unchecked: list[str] = []
+    for raw_name, base in baseline.items():
+        name = BASELINE_ALIASES.get(raw_name.lower(), raw_name.lower())
+        value = live.get(name)
+        if value is None or name in checks or not math.isfinite(base):
+            unchecked.append(raw_name)
+            continue
+        if name in SCORE_METRICS:
+            limit = base - tolerance
+            checks[name] = BaselineCheck(kind="score", baseline=base, live=value, change=value - base, limit=limit,
+                                         degraded=value < limit)
+        elif name in ERROR_METRICS:
+            limit = base * (1 + error_tolerance)
+            checks[name] = BaselineCheck(kind="error", baseline=base, live=value, change=value - base, limit=limit,
+                                         degraded=value > limit)
+        else:
+            unchecked.append(raw_name)
+    return checks, unchecked
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _version_dir(data_dir: Path, model: str, version: str) -> Path:
+    path = Path(data_dir) / PERFORMANCE_DIR / model / version
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run_dir(data_dir: Path, model: str, version: str, created_at: datetime, out: Path | None) -> Path:
+    """``out``, else a new ``<data_dir>/performance/<model>/<version>/<UTC timestamp>`` (suffixed if taken)."""
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return Path(out)
+    base = _version_dir(data_dir, model, version)
+    stamp = created_at.strftime("%Y%m%dT%H%M%SZ")
+    for attempt in range(1, 1000):
+        candidate = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise PerformanceError(f"cannot create a run directory under {base}: {stamp} and 998 suffixes are taken")
+
+
+def read_latest_performance(data_dir: Path, model: str, version: str | None = None) -> PerformanceResult | None:
+    """The newest quality result of a model version (of any version when None); None when there is none."""
+    base = Path(data_dir) / PERFORMANCE_DIR / model
+    paths = [base / version / LATEST_FILE] if version else sorted(base.glob(f"*/{LATEST_FILE}"))
+    results = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise PerformanceError(f"cannot read {path}: {exc}") from exc
+        try:
+            results.append(PerformanceResult.model_validate_json(text))
+        except ValidationError as exc:
+            raise PerformanceError(f"{path} is not a performance result: {exc.errors()[0]['msg']}") from exc
+    return max(results, key=lambda r: r.created_at, default=None)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_performance(
+    data_dir: Path,
+    registry: Path | None,
+    model: str,
+    version: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    min_rows: int = 50,
+    out: Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    error_tolerance: float = DEFAULT_ERROR_TOLERANCE,
+    progress: Callable[[str], None] | None = None,
+) -> PerformanceResult:
+    """Judge the quality of one model version's predictions that have feedback; write the reports.
+
+    The window is ``since <= time < until`` on the prediction's time (UTC; naive
+    datetimes are taken as UTC; ``until`` defaults to :func:`monitoring.drift.default_until`,
+    ``since`` to the start of the log); feedback counts whenever it arrived.
+    ``version`` defaults to the newest registered version with feedback in the
+    window (else the newest version). ``tolerance`` is the largest absolute drop
+    of a score metric, ``error_tolerance`` the largest relative rise of an error
+    metric, below/above the card's training metrics (see the module docstring).
+    ``progress`` is called with each of :data:`STAGES` as it starts.
+
+    Raises :class:`NotEnoughFeedback` when fewer than ``min_rows`` predictions
+    answered by the model have feedback, :class:`~service.errors.ModelNotFound`
+    for an unknown model or version, and :class:`PerformanceConfigError` for an
+    empty window or a negative tolerance.
+    """
+    started = time.perf_counter()
+    created_at = datetime.now(timezone.utc)
+    report_stage = progress or (lambda stage: None)
+    data_dir = Path(data_dir)
+    since = _utc(since)
+    until = _utc(until) or default_until(created_at)
+    if since is not None and since >= until:
+        raise PerformanceConfigError(f"the window is empty: since ({since.isoformat()}) is not before "
+                                     f"until ({until.isoformat()})")
+    if tolerance < 0 or error_tolerance < 0:
+        raise PerformanceConfigError(f"tolerances cannot be negative (tolerance {tolerance}, "
+                                     f"error_tolerance {error_tolerance})")
+
+    reg = Registry(registry)
+    _registered_versions(reg, model)
+    # The task (which feedback column holds the actual) is the model's, whatever the version.
+    task = reg.card(model, version).task
+    report_stage(STAGES[0])
+    logged, joined = _joined_window(data_dir, model, task, since, until)
+    version = version or _resolve_version(reg, model, joined)
+    card = reg.card(model, version)
+    logged = logged[logged["version"] == version]
+    joined = joined[joined["version"] == version]
+    by_model = joined[FALLBACK_REASON].isna().to_numpy()
+    rows = joined[by_model].reset_index(drop=True)
+    n_fallback = int((~by_model).sum())
+    if len(rows) < min_rows:
+        raise NotEnoughFeedback(model, version, len(rows), min_rows, since, until, fallback=n_fallback)
+
+    notes: list[str] = []
+    if n_fallback:
+        notes.append(f"{n_fallback} of the {len(joined)} predictions with feedback were answered by the fallback; "
+                     "they are left out of the model's quality and prediction bias")
+
+    report_stage(STAGES[1])
+    import evidently
+
+    report_stage(STAGES[2])
+    averaging: Literal["binary", "macro"] | None = None
+    positive: str | None = None
+    shares: dict[str, ClassShare] = {}
+    if card.task == "classification":
+        snapshot, metrics, positive, task_notes = _classification_quality(rows, card)
+        averaging = "binary" if positive is not None else "macro"
+        shares = _class_shares(rows[PREDICTION_COLUMN].astype(str), rows["actual"].astype(str),
+                               [str(label) for label in card.labels or []])
+        bias = {label: share.bias for label, share in shares.items()}
+    else:
+        snapshot, metrics, mean_error, task_notes = _regression_quality(rows)
+        bias = {REGRESSION_BIAS_KEY: mean_error}
+    notes += task_notes
+    checks, unchecked = compare_with_baseline(metrics, card.training.metrics, tolerance, error_tolerance)
+    if not card.training.metrics:
+        notes.append(f"the card of {model}:{version} has no training metrics: there is no baseline to judge against")
+    elif unchecked:
+        notes.append(f"card metric(s) {', '.join(unchecked)} not compared: not computed on the live window")
+    degraded = [name for name, check in checks.items() if check.degraded]
+
+    report_stage(STAGES[3])
+    run_dir = _run_dir(data_dir, model, version, created_at, out)
+    html_path, json_path = run_dir / REPORT_FILE, run_dir / RESULT_FILE
+    _atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
+    variants = rows["variant"].value_counts()
+    result = PerformanceResult(
+        model=model,
+        version=version,
+        task=card.task,
+        window=Window(since=since, until=until,
+                      first_row=logged["time"].min().to_pydatetime() if len(logged) else None,
+                      last_row=logged["time"].max().to_pydatetime() if len(logged) else None),
+        rows=FeedbackRows(logged=len(logged), with_feedback=len(joined), fallback=n_fallback, evaluated=len(rows),
+                          by_variant={str(k): int(v) for k, v in variants.items()},
+                          feedback_coverage=len(joined) / len(logged) if len(logged) else 0.0),
+        metrics=metrics,
+        averaging=averaging,
+        positive_label=positive,
+        class_shares=shares,
+        prediction_bias=bias,
+        baseline=checks,
+        unchecked_baseline=unchecked,
+        tolerance=tolerance,
+        error_tolerance=error_tolerance,
+        degraded_metrics=degraded,
+        quality_degraded=bool(degraded),
+        notes=notes,
+        evidently_version=evidently.__version__,
+        duration_seconds=0.0,
+        created_at=created_at,
+        report_html=str(html_path.resolve()),
+        result_json=str(json_path.resolve()),
+    )
+    result.duration_seconds = round(time.perf_counter() - started, 3)
+    text = result.model_dump_json(indent=2)
+    _write_text_atomic(json_path, text)
+    _write_text_atomic(_version_dir(data_dir, model, version) / LATEST_FILE, text)
+    log.info("performance %s:%s: %s on %d rows%s (%.1fs)", model, version,
+             "degraded" if degraded else "not degraded", len(rows),
+             f" ({', '.join(degraded)})" if degraded else "", result.duration_seconds)
+    return result
