@@ -146,7 +146,7 @@ def write_feedback(data_dir: Path, model: str, task: str, rows: list[FeedbackRow
 
 
 def read_feedback(data_dir: Path, model: str) -> Any:
-    """Every stored feedback row of a model as a DataFrame (latest row wins for a repeated instance)."""
+    """Every stored feedback row of a model as a DataFrame (the first actual of a repeated instance stands)."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -200,7 +200,9 @@ class VigilMetrics:
             "vigil_model_quality", "Quality on joined feedback from the latest performance run, by metric.",
             ["model", "version", "metric"], multiprocess_mode="livemax", registry=r)
         self.prediction_bias = Gauge(
-            "vigil_prediction_bias", "Predicted minus observed share of a class in the latest performance run.",
+            "vigil_prediction_bias",
+            "Classification: predicted minus observed share of a class; regression (class=\"value\"): mean of "
+            "actual minus predicted. From the latest performance run.",
             ["model", "version", "class"], multiprocess_mode="livemax", registry=r)
         self.quality_degraded = Gauge(
             "vigil_quality_degraded", "1 when live quality dropped below the card's training metrics beyond tolerance.",

@@ -325,9 +325,11 @@ def deploy_rollback(
 def _mount_observing_commands() -> None:
     # The drift job's commands live beside it; registered here so `vigil` is one command.
     from service.cli_drift import drift_app, predlog_app
+    from service.cli_performance import performance_app
 
     app.add_typer(drift_app, name="drift")
     app.add_typer(predlog_app, name="predlog")
+    app.add_typer(performance_app, name="performance")
 
 
 _mount_observing_commands()

@@ -1,4 +1,5 @@
-"""The worker's control loop: hot reload of deploy.yaml and the rollback state, drift verdicts, canary checks.
+"""The worker's control loop: hot reload of deploy.yaml and the rollback state, drift and quality verdicts,
+canary checks.
 
 One daemon thread per worker polls the files (no inotify dependency, works on
 any shared volume) every ``interval`` seconds. A reload builds the new routing
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from service.deploy import DeployConfigError, state_path
 from service.serving import ModelServer
 
 from monitoring.drift import DRIFT_DIR, LATEST_FILE, DriftError, read_latest
+from monitoring.performance import PERFORMANCE_DIR, PerformanceError, read_latest_performance
 
 log = logging.getLogger("vigil.control")
 
@@ -38,6 +42,7 @@ class ControlLoop:
         self._state_path = state_path(server.settings.data_dir)
         self._seen = (_stamp(self._deploy_path), _stamp(self._state_path))
         self._drift_seen: dict[tuple[str, str], tuple[int, int] | None] = {}
+        self._quality_seen: dict[tuple[str, str], tuple[int, int] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -64,38 +69,34 @@ class ControlLoop:
             self._seen = seen
             self.reload("file change")
         self.check_drift()
+        self.check_quality()
         self.server.check_canaries()
 
-    def check_drift(self) -> None:
-        """Apply each served version's drift verdict when its ``latest.json`` changed (no restart needed)."""
+    def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[int, int] | None],
+              read: Callable[..., Any], apply: Callable[[Any, Any], None], errors: type[Exception]) -> None:
+        """Apply each served version's verdict of one job when its ``latest.json`` changed (no restart needed)."""
         data_dir = Path(self.server.settings.data_dir)
         for served in self.server.served_versions():
             key = (served.card.name, served.card.version)
-            stamp = _stamp(data_dir / DRIFT_DIR / key[0] / key[1] / LATEST_FILE)
-            if stamp == self._drift_seen.get(key):
+            stamp = _stamp(data_dir / kind / key[0] / key[1] / LATEST_FILE)
+            if stamp == seen.get(key):
                 continue
-            self._drift_seen[key] = stamp
+            seen[key] = stamp
             if stamp is None:
                 continue
             try:
-                result = read_latest(data_dir, *key)
-            except DriftError as exc:
-                log.error("ignoring drift verdict of %s:%s: %s", key[0], key[1], exc)
+                result = read(data_dir, *key)
+            except errors as exc:
+                log.error("ignoring %s verdict of %s:%s: %s", kind, key[0], key[1], exc)
                 continue
             if result is not None:
-                self.server.apply_drift(served, result)
+                apply(served, result)
 
-    def reload(self, why: str) -> DeployConfigError | None:
-        """Reload now; an invalid config is refused, counted, logged and returned, and the old routing keeps serving."""
-        metrics = self.server.metrics
-        try:
-            self.server.reload()
-        except DeployConfigError as exc:
-            log.error("deploy config refused (%s), the last good config keeps serving: %s", why, exc.message)
-            if metrics is not None:
-                metrics.deploy_reload_errors.inc()
-            return exc
-        log.info("deploy config reloaded (%s)", why)
-        if metrics is not None:
-            metrics.deploy_reloads.inc()
-        return None
+    def check_drift(self) -> None:
+        """Apply each served version's drift verdict when its ``latest.json`` changed."""
+        self._poll(DRIFT_DIR, self._drift_seen, read_latest, self.server.apply_drift, DriftError)
+
+    def check_quality(self) -> None:
+        """Apply each served version's quality verdict (``vigil performance run``) when its ``latest.json`` changed."""
+        self._poll(PERFORMANCE_DIR, self._quality_seen, read_latest_performance, self.server.apply_quality,
+                   PerformanceError)

@@ -275,6 +275,26 @@ class ModelServer:
         if result.prediction is not None and result.prediction.score is not None:
             self.metrics.prediction_drift_score.labels(m, v).set(result.prediction.score)
 
+    def apply_quality(self, served: ServedVersion, result: Any) -> None:
+        """Take a quality job's latest verdict for a version: routing (``on_quality_degraded: fallback``) and gauges."""
+        card = served.card
+        health = served.health
+        was = health.quality_degraded
+        health.quality_degraded = bool(result.quality_degraded)
+        if health.quality_degraded != was:
+            log.warning("quality verdict for %s:%s is now %s (%s)", card.name, card.version,
+                        "degraded" if health.quality_degraded else "within tolerance",
+                        ", ".join(result.degraded_metrics) or "every baseline metric within tolerance")
+        if self.metrics is None:
+            return
+        m, v = card.name, card.version
+        self.metrics.quality_degraded.labels(m, v).set(1 if result.quality_degraded else 0)
+        for metric, value in result.metrics.items():
+            if value is not None:  # not computable on this window (e.g. one class observed): keep no value
+                self.metrics.model_quality.labels(m, v, metric).set(value)
+        for label, bias in result.prediction_bias.items():  # regression: label "value"
+            self.metrics.prediction_bias.labels(m, v, label).set(bias)
+
     # ------------------------------------------------------------------ canary
 
     def check_canaries(self) -> list[tuple[str, Breach]]:
