@@ -100,3 +100,18 @@ class ControlLoop:
         """Apply each served version's quality verdict (``vigil performance run``) when its ``latest.json`` changed."""
         self._poll(PERFORMANCE_DIR, self._quality_seen, read_latest_performance, self.server.apply_quality,
                    PerformanceError)
+
+    def reload(self, why: str) -> DeployConfigError | None:
+        """Reload now; an invalid config is refused, counted, logged and returned, and the old routing keeps serving."""
+        metrics = self.server.metrics
+        try:
+            self.server.reload()
+        except DeployConfigError as exc:
+            log.error("deploy config refused (%s), the last good config keeps serving: %s", why, exc.message)
+            if metrics is not None:
+                metrics.deploy_reload_errors.inc()
+            return exc
+        log.info("deploy config reloaded (%s)", why)
+        if metrics is not None:
+            metrics.deploy_reloads.inc()
+        return None
