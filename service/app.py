@@ -1,12 +1,13 @@
 """The BentoML service: HTTP in and out, nothing else.
 
-``POST /predict`` and ``GET /models`` are routes of a FastAPI app mounted into
-the BentoML service with ``@bentoml.asgi_app``. Measured on this project's
-benchmark, a mounted route costs far less per request than an
-``@bentoml.api`` endpoint (which adds BentoML's own pydantic I/O layer), and the
-request path here does its own, stricter validation anyway. BentoML still
-provides the server, the workers, ``/livez``, ``/readyz``, ``/metrics`` and the
-OpenAPI document (``/docs.json``), which includes these routes.
+Routes belong to a FastAPI app mounted into the BentoML service with
+``@bentoml.asgi_app``, so BentoML's OpenAPI document (``/docs.json``) lists
+them. The hot routes (``/predict``, ``/feedback``) are additionally served by
+plain Starlette routes placed first (see the end of this module): measured in
+``benchmarks/``, an ``@bentoml.api`` endpoint or a FastAPI route costs more per
+request than Vigil's whole prediction path, and the request path here does its
+own, stricter validation anyway. BentoML still provides the server, the
+workers, ``/livez`` and ``/readyz``; Vigil serves ``/metrics`` itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import orjson
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
+from starlette.routing import Route
 
 from service.errors import (
     BadRequest,
@@ -52,7 +54,7 @@ from service.deploy import (
 from service.serving import ModelServer, worker_label
 from service.settings import Settings
 
-from service.edge import EdgeMiddleware
+from service.edge import EdgeMiddleware, patch_bentoml_timeout
 from service.feedback import FEEDBACK_BODY, FeedbackService
 from monitoring.metrics import ProcessSampler, VigilMetrics, exposition, live_worker_pids
 from monitoring.predlog import PredictionLog
@@ -309,6 +311,10 @@ class Vigil:
     )
     async def predict(self, request: Request) -> Response:
         """Answer ``{"model", "instances", "key"}`` with one prediction per instance."""
+        return await self.handle_predict(request)
+
+    async def handle_predict(self, request: Request) -> Response:
+        """The ``/predict`` handler proper (also reached without FastAPI, see the end of this module)."""
         request_id = uuid.uuid4().hex
         if self._in_flight >= self.settings.max_concurrency:
             # Refuse at once, before reading the body: queueing would only add latency to
@@ -408,6 +414,10 @@ class Vigil:
     )
     async def feedback(self, request: Request) -> Response:
         """Join actuals to logged predictions by request id and index; duplicates are acknowledged, not counted."""
+        return await self.handle_feedback(request)
+
+    async def handle_feedback(self, request: Request) -> Response:
+        """The ``/feedback`` handler proper (also reached without FastAPI, see the end of this module)."""
         try:
             _check_content_type(request)
             payload = parse_json(await _read_body(request, self.settings.max_body_bytes))
@@ -434,5 +444,22 @@ class Vigil:
 
 
 Vigil.add_asgi_middleware(EdgeMiddleware)
+patch_bentoml_timeout()
+
+
+# The hot routes are served by plain Starlette routes placed ahead of FastAPI's: measured here,
+# FastAPI's per-request dependency machinery (it injects ``self``) cost ~20x a Starlette route, more
+# than everything Vigil does for a single-row prediction. The FastAPI routes stay for the OpenAPI
+# document that BentoML publishes at /docs.json; requests never reach them.
+async def _predict_route(request: Request) -> Response:
+    return await bentoml.get_current_service().handle_predict(request)
+
+
+async def _feedback_route(request: Request) -> Response:
+    return await bentoml.get_current_service().handle_feedback(request)
+
+
+http.router.routes[:0] = [Route("/predict", _predict_route, methods=["POST"]),
+                          Route("/feedback", _feedback_route, methods=["POST"])]
 
 __all__ = ["Vigil", "http"]
