@@ -8,7 +8,7 @@ and ``latest.md``, and the issue's targets are checked (PASS/FAIL).
 
 Usage::
 
-    .venv/bin/python benchmarks/run.py                 # full run (~12 min on 2 cores)
+    .venv/bin/python benchmarks/run.py                 # full run (~15 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick         # short smoke run (~2 min)
     .venv/bin/python benchmarks/run.py --targets vigil,vigil-nometrics --duration 15
 
