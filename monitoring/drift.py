@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from monitoring.jobfiles import LATEST_FILE, atomic_write, read_latest_result, run_dir, version_dir, write_text_atomic
 from monitoring.predlog import read_log, segment_files
 from service.errors import ModelNotFound
 from service.registry import PREDICTION_COLUMN, REFERENCE_FILE, SCORE_COLUMN, FeatureSpec, ModelCard, Registry
@@ -66,7 +67,6 @@ log = logging.getLogger("vigil.drift")
 DRIFT_DIR = "drift"
 REPORT_FILE = "report.html"
 RESULT_FILE = "result.json"
-LATEST_FILE = "latest.json"
 
 DEFAULT_MAX_ROWS = 50_000
 """Rows of the current window (and of the reference) given to Evidently; larger windows are sampled."""
@@ -264,20 +264,6 @@ def time_stratified_positions(times: np.ndarray, size: int, seed: int) -> np.nda
     rng = np.random.default_rng(seed)
     picks = (np.arange(size) * width + rng.random(size) * width).astype(np.int64)
     return order[np.minimum(picks, n - 1)]
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory and rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _parse_overrides(stattests: Mapping[str, Any] | None) -> dict[str, StatTestOverride]:
@@ -738,9 +724,9 @@ def run_drift(
                      f"but flagged {len(drifted)}")
 
     report_stage(STAGES[3])
-    run_dir = _run_dir(data_dir, model, version, created_at, out)
-    html_path, json_path = run_dir / REPORT_FILE, run_dir / RESULT_FILE
-    _atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
+    directory = run_dir(data_dir, DRIFT_DIR, model, version, created_at, out, DriftError)
+    html_path, json_path = directory / REPORT_FILE, directory / RESULT_FILE
+    atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
     n_current = len(window.current)
     sampled_current, sampled_reference = n_current < window.rows, len(reference) < n_reference
     prediction = window.prediction
@@ -786,8 +772,8 @@ def run_drift(
     )
     result.duration_seconds = round(time.perf_counter() - started, 3)
     text = result.model_dump_json(indent=2)
-    _write_text_atomic(json_path, text)
-    _write_text_atomic(_version_dir(data_dir, model, version) / LATEST_FILE, text)
+    write_text_atomic(json_path, text)
+    write_text_atomic(version_dir(data_dir, DRIFT_DIR, model, version) / LATEST_FILE, text)
     log.info("drift %s:%s: %s; %d/%d features drifted, prediction drift %s (%.1fs)", model, version,
              "drift" if result.drift_detected else "no drift", len(drifted), len(window.columns),
              result.prediction.drifted if result.prediction else "n/a", result.duration_seconds)
@@ -906,43 +892,6 @@ def _evidently_report(current: pd.DataFrame, reference: pd.DataFrame, columns: l
         raise DriftError(f"Evidently's report has no DriftedColumnsCount result (metric {count_id})")
     return snapshot, verdicts, float(count.share.value)
 
-def _version_dir(data_dir: Path, model: str, version: str) -> Path:
-    path = Path(data_dir) / DRIFT_DIR / model / version
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _run_dir(data_dir: Path, model: str, version: str, created_at: datetime, out: Path | None) -> Path:
-    """``out``, else a new ``<data_dir>/drift/<model>/<version>/<UTC timestamp>`` (suffixed if taken)."""
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        return Path(out)
-    base = _version_dir(data_dir, model, version)
-    stamp = created_at.strftime("%Y%m%dT%H%M%SZ")
-    for attempt in range(1, 1000):
-        candidate = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise DriftError(f"cannot create a run directory under {base}: {stamp} and 998 suffixes are taken")
-
-
 def read_latest(data_dir: Path, model: str, version: str | None = None) -> DriftResult | None:
     """The newest drift result of a model version (of any version when None); None when there is none."""
-    base = Path(data_dir) / DRIFT_DIR / model
-    paths = [base / version / LATEST_FILE] if version else sorted(base.glob(f"*/{LATEST_FILE}"))
-    results = []
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise DriftError(f"cannot read {path}: {exc}") from exc
-        try:
-            results.append(DriftResult.model_validate_json(text))
-        except ValidationError as exc:
-            raise DriftError(f"{path} is not a drift result: {exc.errors()[0]['msg']}") from exc
-    return max(results, key=lambda r: r.created_at, default=None)
+    return read_latest_result(data_dir, DRIFT_DIR, model, version, DriftResult, DriftError)

@@ -67,13 +67,12 @@ from pydantic import BaseModel, Field, ValidationError
 from monitoring.drift import (
     FALLBACK_REASON,
     Window,
-    _atomic_write,
     _registered_versions,
     _utc,
-    _write_text_atomic,
     default_until,
 )
 from monitoring.feedback import read_feedback
+from monitoring.jobfiles import LATEST_FILE, atomic_write, read_latest_result, run_dir, version_dir, write_text_atomic
 from monitoring.predlog import read_log
 from service.registry import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard, Registry
 
@@ -85,7 +84,6 @@ log = logging.getLogger("vigil.performance")
 PERFORMANCE_DIR = "performance"
 REPORT_FILE = "report.html"
 RESULT_FILE = "result.json"
-LATEST_FILE = "latest.json"
 
 DEFAULT_TOLERANCE = 0.05
 """Largest allowed absolute drop of a score metric below the card's baseline."""
@@ -406,46 +404,9 @@ def compare_with_baseline(live: dict[str, float | None], baseline: dict[str, flo
 # ----------------------------------------------------------------------------- files
 
 
-def _version_dir(data_dir: Path, model: str, version: str) -> Path:
-    path = Path(data_dir) / PERFORMANCE_DIR / model / version
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _run_dir(data_dir: Path, model: str, version: str, created_at: datetime, out: Path | None) -> Path:
-    """``out``, else a new ``<data_dir>/performance/<model>/<version>/<UTC timestamp>`` (suffixed if taken)."""
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        return Path(out)
-    base = _version_dir(data_dir, model, version)
-    stamp = created_at.strftime("%Y%m%dT%H%M%SZ")
-    for attempt in range(1, 1000):
-        candidate = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise PerformanceError(f"cannot create a run directory under {base}: {stamp} and 998 suffixes are taken")
-
-
 def read_latest_performance(data_dir: Path, model: str, version: str | None = None) -> PerformanceResult | None:
     """The newest quality result of a model version (of any version when None); None when there is none."""
-    base = Path(data_dir) / PERFORMANCE_DIR / model
-    paths = [base / version / LATEST_FILE] if version else sorted(base.glob(f"*/{LATEST_FILE}"))
-    results = []
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise PerformanceError(f"cannot read {path}: {exc}") from exc
-        try:
-            results.append(PerformanceResult.model_validate_json(text))
-        except ValidationError as exc:
-            raise PerformanceError(f"{path} is not a performance result: {exc.errors()[0]['msg']}") from exc
-    return max(results, key=lambda r: r.created_at, default=None)
+    return read_latest_result(data_dir, PERFORMANCE_DIR, model, version, PerformanceResult, PerformanceError)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -539,9 +500,9 @@ def run_performance(
     degraded = [name for name, check in checks.items() if check.degraded]
 
     report_stage(STAGES[3])
-    run_dir = _run_dir(data_dir, model, version, created_at, out)
-    html_path, json_path = run_dir / REPORT_FILE, run_dir / RESULT_FILE
-    _atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
+    directory = run_dir(data_dir, PERFORMANCE_DIR, model, version, created_at, out, PerformanceError)
+    html_path, json_path = directory / REPORT_FILE, directory / RESULT_FILE
+    atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
     variants = rows["variant"].value_counts()
     result = PerformanceResult(
         model=model,
@@ -573,8 +534,8 @@ def run_performance(
     )
     result.duration_seconds = round(time.perf_counter() - started, 3)
     text = result.model_dump_json(indent=2)
-    _write_text_atomic(json_path, text)
-    _write_text_atomic(_version_dir(data_dir, model, version) / LATEST_FILE, text)
+    write_text_atomic(json_path, text)
+    write_text_atomic(version_dir(data_dir, PERFORMANCE_DIR, model, version) / LATEST_FILE, text)
     log.info("performance %s:%s: %s on %d rows%s (%.1fs)", model, version,
              "degraded" if degraded else "not degraded", len(rows),
              f" ({', '.join(degraded)})" if degraded else "", result.duration_seconds)

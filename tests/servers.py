@@ -203,3 +203,13 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total = (total or 0.0) + sample.value
     return total
+
+
+def wait_for(condition: Any, timeout: float = 10.0, interval: float = 0.1) -> None:
+    """Poll ``condition`` until it holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from service.cli import app as cli
 from service.registry import register_model
 from tests.onnx_graphs import modified_regressor
-from tests.servers import VigilServer, metric_value, vigil_server
+from tests.servers import VigilServer, metric_value, vigil_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -94,15 +94,6 @@ def send(server: VigilServer, rows: list[dict[str, Any]], n: int, key: str | Non
 
 def canary_of(server: VigilServer) -> dict[str, Any]:
     return {m["name"]: m for m in server.get("/models").json()["models"]}["diabetes"].get("canary") or {}
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def test_healthy_canary_keeps_its_share(server_factory: Any, deploy: Path, rows: list[dict[str, Any]]) -> None:

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.servers import VigilServer, metric_value, vigil_server
+from tests.servers import VigilServer, metric_value, vigil_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,15 +58,6 @@ def run_drift(registry: Path, data_dir: Path, since: datetime) -> subprocess.Com
         [str(VIGIL), "drift", "run", "--model", "diabetes", "--since", since.isoformat(), "--until", until.isoformat(),
          "--min-rows", "200", "--data-dir", str(data_dir), "--registry", str(registry)],
         capture_output=True, text=True, timeout=300)
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def state(server: VigilServer, model: str) -> dict[str, Any]:

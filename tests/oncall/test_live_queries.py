@@ -52,6 +52,7 @@ import yaml
 from service.registry import register_model
 from tests.oncall import kit
 from tests.onnx_graphs import modified_regressor, slow_regressor, small_reference, sqrt_regressor
+from tests import servers
 from tests.servers import (
     VIGIL,
     PrometheusServer,
@@ -368,13 +369,8 @@ def metric(stack: Stack, name: str, **labels: str) -> float | None:
 
 
 def wait_for(condition: Any, timeout: float = 15.0) -> None:
-    """Poll ``condition`` until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+    """Poll ``condition`` until it holds (the scenario's steps get 15 s)."""
+    servers.wait_for(condition, timeout)
 
 
 # ----------------------------------------------------------------------------- dashboards

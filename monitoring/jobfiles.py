@@ -1,0 +1,81 @@
+"""Where the batch jobs (drift, quality) keep their results, and how they write them safely.
+
+Each job writes ``<data_dir>/<job>/<model>/<version>/<UTC timestamp>/`` (the
+report and ``result.json``) and keeps ``<data_dir>/<job>/<model>/<version>/latest.json``
+current. Every file is written under a temporary name and renamed into place, so
+a reader (the service polls ``latest.json``) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+LATEST_FILE = "latest.json"
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory and rename it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`atomic_write` for text."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def version_dir(data_dir: Path, job: str, model: str, version: str) -> Path:
+    """``<data_dir>/<job>/<model>/<version>``, created when missing."""
+    path = Path(data_dir) / job / model / version
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_dir(data_dir: Path, job: str, model: str, version: str, created_at: datetime, out: Path | None,
+            error: type[Exception]) -> Path:
+    """``out``, else a new ``<data_dir>/<job>/<model>/<version>/<UTC timestamp>`` (suffixed if taken)."""
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return Path(out)
+    base = version_dir(data_dir, job, model, version)
+    stamp = created_at.strftime("%Y%m%dT%H%M%SZ")
+    for attempt in range(1, 1000):
+        candidate = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise error(f"cannot create a run directory under {base}: {stamp} and 998 suffixes are taken")
+
+
+def read_latest_result(data_dir: Path, job: str, model: str, version: str | None, result: type[R],
+                       error: type[Exception]) -> R | None:
+    """The newest ``latest.json`` of a model version (of any version when None), or None; ``error`` names a bad file."""
+    base = Path(data_dir) / job / model
+    paths = [base / version / LATEST_FILE] if version else sorted(base.glob(f"*/{LATEST_FILE}"))
+    results = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise error(f"cannot read {path}: {exc}") from exc
+        try:
+            results.append(result.model_validate_json(text))
+        except ValidationError as exc:
+            raise error(f"{path} is not a {job} result: {exc.errors()[0]['msg']}") from exc
+    return max(results, key=lambda r: r.created_at, default=None)  # type: ignore[attr-defined]
