@@ -29,6 +29,10 @@ class VariantStats:
     errors: int = 0
     instances: int = 0
     fallbacks: int = 0
+    labelled: int = 0
+    """Answers that received ground truth (feedback)."""
+    misses: int = 0
+    """Of those: wrong labels (classification) or errors beyond the model's tolerance (regression)."""
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     histogram: np.ndarray | None = None
 
@@ -49,6 +53,12 @@ class VariantStats:
                 assert self.histogram is not None
                 np.add.at(self.histogram, np.searchsorted(self.bucket_edges, finite, side="left"), 1)
 
+    def record_feedback(self, missed: bool) -> None:
+        """One answer of this variant got its ground truth."""
+        with self._lock:
+            self.labelled += 1
+            self.misses += int(missed)
+
     def figures(self) -> dict[str, float]:
         """Error rate, fallback rate and p95 latency so far."""
         with self._lock:
@@ -58,6 +68,8 @@ class VariantStats:
                 "error_rate": self.errors / self.requests if self.requests else 0.0,
                 "fallback_rate": self.fallbacks / self.instances if self.instances else 0.0,
                 "p95_latency_seconds": float(np.quantile(latencies, 0.95)) if len(latencies) else 0.0,
+                "labelled": float(self.labelled),
+                "miss_rate": self.misses / self.labelled if self.labelled else 0.0,
             }
 
 
@@ -142,6 +154,13 @@ class CanaryComparison:
             excess = canary["p95_latency_seconds"] - stable["p95_latency_seconds"]
             if ratio > rules.p95_latency_ratio and excess * 1000 > rules.latency_floor_ms:
                 return Breach("latency", {**base, "ratio": ratio, "limit": rules.p95_latency_ratio})
+        # Quality, once enough of both variants' answers have ground truth: the canary misses
+        # (wrong label, or a regression error beyond tolerance) more often than stable.
+        if min(s.labelled, c.labelled) >= rules.min_labelled:
+            increase = canary["miss_rate"] - stable["miss_rate"]
+            if increase > rules.miss_rate_increase and rate_increase_is_significant(
+                    s.misses, s.labelled, c.misses, c.labelled):
+                return Breach("quality", {**base, "increase": increase, "limit": rules.miss_rate_increase})
         assert s.histogram is not None and c.histogram is not None
         shift = psi(s.histogram, c.histogram)
         n_s, n_c = int(s.histogram.sum()), int(c.histogram.sum())

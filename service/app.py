@@ -422,9 +422,13 @@ class Vigil:
             _check_content_type(request)
             payload = parse_json(await _read_body(request, self.settings.max_body_bytes))
             body = self.feedback_service.parse(payload)
-            cards = {name: entry.stable.card for name, entry in self.server.models.items() if entry.stable is not None}
+            models = self.server.models
+            cards = {name: entry.stable.card for name, entry in models.items() if entry.stable is not None}
+            comparisons = {name: (entry.comparison, entry.policy.canary.rollback_when)
+                           for name, entry in models.items()
+                           if entry.comparison is not None and entry.policy.canary is not None}
             # Joining reads prediction-log segments: off the event loop.
-            answer = await anyio.to_thread.run_sync(self.feedback_service.accept, body, cards)
+            answer = await anyio.to_thread.run_sync(self.feedback_service.accept, body, cards, comparisons)
         except VigilError as exc:
             return _json(error_body(exc), exc.status_code)
         return _json(answer)

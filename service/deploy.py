@@ -46,6 +46,12 @@ class RollbackRules(BaseModel):
     fallback_rate_increase: float = Field(0.05, ge=0, le=1)
     prediction_shift: float = Field(0.2, gt=0)
     """Largest allowed distance between canary and stable prediction distributions (PSI)."""
+    miss_rate_increase: float = Field(0.05, ge=0, le=1)
+    """With feedback for both variants: largest allowed rise of the canary's share of wrong answers."""
+    min_labelled: int = Field(50, ge=1)
+    """Answers with feedback each variant needs before quality is compared."""
+    regression_tolerance: float = Field(0.1, gt=0)
+    """A regression answer counts as wrong when off by more than this share of the reference prediction range."""
 
 
 class CanaryConfig(BaseModel):

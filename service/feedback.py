@@ -104,8 +104,13 @@ class FeedbackService:
             raise BadRequest("the body is not {model, request_id, actuals} or {model, items}", details,
                              code="invalid_request") from None
 
-    def accept(self, request: FeedbackRequest, cards: dict[str, ModelCard]) -> dict[str, Any]:
-        """Validate, join, deduplicate, store and count; returns what was accepted."""
+    def accept(self, request: FeedbackRequest, cards: dict[str, ModelCard],
+               comparisons: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+        """Validate, join, deduplicate, store and count; returns what was accepted.
+
+        ``comparisons``: model -> (live canary comparison, its rollback rules), fed with the
+        ground truth of both variants' answers.
+        """
         card = cards.get(request.model)
         if card is None:
             raise ModelNotFound(f"no model named '{request.model}'")
@@ -141,7 +146,25 @@ class FeedbackService:
             write_feedback(self.data_dir, card.name, card.task, rows)
             self.index.mark_answered(card.name, rows)
             self._count(card, rows)
+            if comparisons and card.name in comparisons:
+                self._compare(card, rows, *comparisons[card.name])
         return {"model": card.name, "accepted": len(rows), "duplicates": duplicates}
+
+    def _compare(self, card: ModelCard, rows: list[FeedbackRow], comparison: Any, rules: Any) -> None:
+        """Feed ground truth of a live canary's and its stable's answers to their comparison."""
+        versions = {"stable": comparison.stable_version, "canary": comparison.canary_version}
+        span = 1.0
+        if card.prediction_range is not None:
+            span = max(card.prediction_range.max - card.prediction_range.min, 1e-9)
+        for row in rows:
+            variant = row.prediction.variant
+            if row.prediction.reason is not None or versions.get(variant) != row.prediction.version:
+                continue  # fallback answers and other versions say nothing about this pair
+            if card.task == "regression":
+                missed = abs(float(row.actual) - float(row.prediction.prediction)) > rules.regression_tolerance * span
+            else:
+                missed = str(row.actual) != str(row.prediction.prediction)
+            comparison.variant(variant).record_feedback(missed)
 
     def _count(self, card: ModelCard, rows: list[FeedbackRow]) -> None:
         if self.metrics is None:

@@ -229,3 +229,28 @@ def test_cli_round_trips_canary_promote_and_rollback(server_factory: Any, deploy
         refused = runner.invoke(cli, ["deploy", "canary", "diabetes", "42", *common], env=env)
         assert refused.exit_code != 0 and "not registered" in refused.output
         assert yaml.safe_load(deploy.read_text())["models"]["diabetes"]["stable"] == "1"
+
+
+def test_canary_with_worse_ground_truth_is_rolled_back_on_quality(server_factory: Any, deploy: Path,
+                                                                   registry: Path) -> None:
+    frame = pd.read_parquet(registry / "diabetes" / "1" / "reference.parquet")
+    truth = frame["target"].astype(float).tolist()
+    rows_ = frame.drop(columns=["target", "prediction"]).to_dict(orient="records")
+    # Only quality can trip here: the shifted canary's predictions are not compared by distribution.
+    rules = dict(RULES, prediction_shift=50.0, min_labelled=30)
+    deploy.write_text(yaml.safe_dump({"models": {"diabetes": {"stable": "1", "canary": {
+        "version": "3", "traffic": 0.5, "sticky": False, "rollback_when": rules}}}}))
+    with server_factory() as server:
+        served = []
+        for i in range(120):
+            answer = server.post("/predict", json={"model": "diabetes", "instances": [rows_[i % len(rows_)]]}).json()
+            served.append((answer["request_id"], truth[i % len(truth)]))
+        assert canary_of(server)["traffic"] == 0.5  # nothing else breached
+        time.sleep(1.5)  # logged
+        items = [{"request_id": rid, "index": 0, "actual": actual} for rid, actual in served]
+        response = server.post("/feedback", json={"model": "diabetes", "items": items})
+        assert response.status_code == 200 and response.json()["accepted"] == 120, response.text
+        wait_for(lambda: canary_of(server).get("traffic") == 0)
+        listed = {m["name"]: m for m in server.get("/models").json()["models"]}["diabetes"]
+        assert listed["last_rollback"]["reason"] == "quality"
+        assert listed["last_rollback"]["figures"]["canary"]["labelled"] >= 30

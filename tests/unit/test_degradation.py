@@ -195,3 +195,23 @@ def test_shifted_or_erroring_canary_breaches() -> None:
     assert one_error.evaluate(RollbackRules(min_requests=40)) is None  # 1/45 is not evidence
     too_early = _comparison(rng.uniform(0, 1, 300), rng.uniform(0.5, 1, 30))
     assert too_early.evaluate(RollbackRules(min_requests=40)) is None
+
+
+def test_canary_with_worse_ground_truth_breaches_on_quality() -> None:
+    from service.deploy import RollbackRules
+
+    rng = np.random.default_rng(4)
+    comparison = _comparison(rng.uniform(0, 1, 300), rng.uniform(0, 1, 100))
+    rules = RollbackRules(min_requests=40, min_labelled=50)
+    for i in range(200):
+        comparison.stable.record_feedback(missed=i % 20 == 0)  # 5% wrong
+    for i in range(60):
+        comparison.canary.record_feedback(missed=i % 3 == 0)  # 33% wrong
+    breach = comparison.evaluate(rules)
+    assert breach is not None and breach.reason == "quality" and breach.figures["increase"] > 0.25
+    fair = _comparison(rng.uniform(0, 1, 300), rng.uniform(0, 1, 100))
+    for i in range(200):
+        fair.stable.record_feedback(missed=i % 20 == 0)
+    for i in range(60):
+        fair.canary.record_feedback(missed=i % 15 == 0)  # 7%: within noise of 5%
+    assert fair.evaluate(rules) is None
