@@ -7,6 +7,8 @@ send single instances to the fallback (missing input, invalid output).
 
 from __future__ import annotations
 
+import hashlib
+import random
 import threading
 import time
 from collections import deque
@@ -20,6 +22,8 @@ from service.deploy import BreakerConfig, ModelPolicy
 from service.inputs import InstanceValidator
 from service.registry import ModelCard
 from service.runtime import Predictions, Predictor
+
+from monitoring.canary import CanaryComparison
 
 BreakerState = Literal["closed", "open", "half_open"]
 
@@ -192,3 +196,28 @@ def merge(size: int, parts: list[tuple[np.ndarray, Predictions]]) -> Predictions
         for i, label in zip(rows.tolist(), part.labels):
             labels[i] = label
     return Predictions(labels=labels, probabilities=probabilities)
+
+
+@dataclass
+class ModelEntry:
+    """A registered model: its stable version (and canary), or why it cannot serve at all."""
+
+    name: str
+    policy: ModelPolicy = field(default_factory=ModelPolicy)
+    stable: ServedVersion | None = None
+    error: str | None = None
+    canary: ServedVersion | None = None
+    canary_traffic: float = 0.0
+    comparison: CanaryComparison | None = None
+
+    def choose(self, key: str | None) -> ServedVersion | None:
+        """Stable or canary for one request: by a hash of ``key`` when sticky, else at random."""
+        if self.canary is None or self.canary_traffic <= 0:
+            return self.stable
+        assert self.policy.canary is not None
+        if key is not None and self.policy.canary.sticky:
+            digest = hashlib.blake2b(f"{self.name}\x00{key}".encode(), digest_size=8).digest()
+            draw = int.from_bytes(digest, "big") / 2**64
+        else:
+            draw = random.random()
+        return self.canary if draw < self.canary_traffic else self.stable

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import os
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +35,7 @@ from service.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
 from service.fallback import HeuristicPredictor
 from service.inputs import InstanceValidator, PredictRequest
 from service.registry import ModelCard, Registry
-from service.routing import Breaker, ServedVersion, degraded_reason, invalid_rows, merge, state_of
+from service.routing import Breaker, ModelEntry, ServedVersion, degraded_reason, invalid_rows, merge, state_of
 from service.runtime import Batch, ModelTimeout, OnnxPredictor, Predictions, Predictor
 from service.settings import Settings
 
@@ -49,31 +47,6 @@ log = logging.getLogger("vigil.serving")
 
 INLINE_CALL_SECONDS = 0.002
 """Model calls typically faster than this run on the event loop: a thread hop would cost more than the call."""
-
-
-@dataclass
-class ModelEntry:
-    """A registered model: its stable version (and canary), or why it cannot serve at all."""
-
-    name: str
-    policy: ModelPolicy = field(default_factory=ModelPolicy)
-    stable: ServedVersion | None = None
-    error: str | None = None
-    canary: ServedVersion | None = None
-    canary_traffic: float = 0.0
-    comparison: CanaryComparison | None = None
-
-    def choose(self, key: str | None) -> ServedVersion | None:
-        """Stable or canary for one request: by a hash of ``key`` when sticky, else at random."""
-        if self.canary is None or self.canary_traffic <= 0:
-            return self.stable
-        assert self.policy.canary is not None
-        if key is not None and self.policy.canary.sticky:
-            digest = hashlib.blake2b(f"{self.name}\x00{key}".encode(), digest_size=8).digest()
-            draw = int.from_bytes(digest, "big") / 2**64
-        else:
-            draw = random.random()
-        return self.canary if draw < self.canary_traffic else self.stable
 
 
 @dataclass
@@ -483,12 +456,13 @@ class ModelServer:
         started = time.perf_counter()
         try:
             if served.call_seconds_ewma < INLINE_CALL_SECONDS:
-                predictions = served.predictor.predict(batch, budget)
+                predictions, seconds = _timed_predict(served.predictor, batch, budget)
             else:
                 # A slow model runs on a thread so the worker keeps answering health checks
                 # and other models meanwhile; the watchdog still cancels it at the budget.
                 loop = asyncio.get_running_loop()
-                predictions = await loop.run_in_executor(self._executor, served.predictor.predict, batch, budget)
+                predictions, seconds = await loop.run_in_executor(
+                    self._executor, _timed_predict, served.predictor, batch, budget)
         except ModelTimeout:
             self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size)
             return None, "timeout"
@@ -497,7 +471,8 @@ class ModelServer:
             log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
             return None, "model_error"
-        seconds = time.perf_counter() - started
+        # The model's own time, not the wait for a thread: under load the wait would keep a
+        # fast model on threads for good.
         served.note_call(seconds)
         if served.metrics is not None:
             served.metrics.record_call(seconds, batch.size)
@@ -535,6 +510,11 @@ class ModelServer:
     def close(self) -> None:
         """Release the model-call threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed_predict(predictor: Predictor, batch: Batch, budget: float) -> tuple[Predictions, float]:
+    started = time.perf_counter()
+    return predictor.predict(batch, budget), time.perf_counter() - started
 
 
 def _scores(predictions: Predictions) -> np.ndarray:
