@@ -124,10 +124,14 @@ def test_containerized_worker_death_is_visible_in_readiness(example_registry: Pa
         assert server.get("/readyz").status_code == 200
         victim = worker_processes(server.proc.pid)[0]
         os.kill(victim.pid, signal.SIGKILL)
-        seen: dict = {}
+        seen: dict = {"status": None}
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            response = server.get("/readyz")
+            try:  # a fresh connection each time: the kept-alive one may have belonged to the dead worker
+                response = httpx.get(f"{server.url}/readyz", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.3)
+                continue
             seen = {"status": response.status_code, **response.json()}
             if response.status_code == 503:
                 break
