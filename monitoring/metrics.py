@@ -366,7 +366,6 @@ class BoundModelMetrics:
         self.classes = [
             metrics.predicted_class.labels(name, version, variant, str(label)) for label in (card.labels or [])
         ]
-        self._label_index = {label: i for i, label in enumerate(card.labels or [])}
         self._missing = {f.name: metrics.input_missing.labels(name, f.name) for f in card.features}
         self._input_oor = {f.name: metrics.input_out_of_range.labels(name, f.name) for f in card.features}
         self._errors: dict[str, Any] = {}

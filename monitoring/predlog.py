@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -330,9 +330,3 @@ def prune(data_dir: Path, older_than_days: int = 30, now: datetime | None = None
             shutil.rmtree(day_dir, ignore_errors=True)
             removed.append(day_dir)
     return removed
-
-
-def models_logged(data_dir: Path) -> Iterable[str]:
-    """Model names that have a prediction log."""
-    root = Path(data_dir) / LOG_DIR
-    return sorted(p.name.removeprefix("model=") for p in root.glob("model=*") if p.is_dir())

@@ -10,7 +10,7 @@ import itertools
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class Predictions:
     """(rows, classes) probabilities in the card's label order (classification)."""
     values: np.ndarray | None = None
     """Predicted value per row (regression)."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelTimeout(Exception):

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -53,7 +53,6 @@ INLINE_CALL_SECONDS = 0.002
 class _Outcome:
     predictions: Predictions
     reasons: list[str | None]
-    variant_of_row: np.ndarray  # True where the model (not the fallback) answered
     errored: bool = False  # the model raised or timed out
 
 
@@ -403,7 +402,7 @@ class ModelServer:
         everything = np.arange(n)
         reason = degraded_reason(served, entry.policy)
         if reason is not None:
-            return self._fallback_outcome(served, batch, everything, reason, n)
+            return _Outcome(self._call_fallback(served, batch, reason), [reason] * n)
         # Rows with a null go to the fallback when the model cannot take NaN.
         to_fallback: dict[str, np.ndarray] = {}
         model_rows = everything
@@ -434,9 +433,6 @@ class ModelServer:
                     if served.metrics is not None:
                         served.metrics.record_predictions(predictions)
         reasons: list[str | None] = [None] * n
-        answered_by_model = np.zeros(n, dtype=bool)
-        for rows, _ in parts:
-            answered_by_model[rows] = True
         for why, rows in to_fallback.items():
             if len(rows) == 0:
                 continue
@@ -446,7 +442,7 @@ class ModelServer:
             for i in rows.tolist():
                 reasons[i] = why
         errored = "model_error" in to_fallback or "timeout" in to_fallback
-        return _Outcome(merge(n, parts), reasons, answered_by_model, errored)
+        return _Outcome(merge(n, parts), reasons, errored)
 
     async def _call(self, served: ServedVersion, policy: ModelPolicy,
                     batch: Batch) -> tuple[Predictions | None, str | None]:
@@ -492,11 +488,6 @@ class ModelServer:
             served.fallback_metrics.record_predictions(predictions)
             served.fallback_metrics.record_fallback(reason, batch.size)
         return predictions
-
-    def _fallback_outcome(self, served: ServedVersion, batch: Batch, rows: np.ndarray, reason: str,
-                          n: int) -> _Outcome:
-        predictions = self._call_fallback(served, batch, reason)
-        return _Outcome(predictions, [reason] * n, np.zeros(n, dtype=bool))
 
     def _reject(self, model: str, reason: str) -> None:
         if self.metrics is not None:

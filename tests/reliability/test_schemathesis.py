@@ -26,5 +26,4 @@ def test_every_operation_with_300_examples(example_registry: Path, tmp_path: Pat
             capture_output=True, text=True, timeout=900, cwd=tmp_path)
         summary = result.stdout[-6000:]
         assert result.returncode == 0, summary
-        assert " 5xx" not in summary.split("SUMMARY")[-1] or "failures" not in summary
         assert server.get("/livez").status_code == 200
