@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import os
-import uuid
+import secrets
 from typing import Any
 
 import anyio.to_thread
@@ -240,6 +241,18 @@ _HOT = Starlette(routes=[Route("/predict", _predict_route, methods=["POST"]),
 
 __all__ = ["Vigil", "http"]
 
+UNTRACED = ["/predict", "/feedback", "/metrics", "/models", "/livez", "/readyz", "/healthz"]
+"""Routes BentoML does not trace unless ``VIGIL_TRACING=true``.
+
+BentoML opens an OpenTelemetry span (and one per ASGI send/receive) for every
+request even when no exporter is configured: measured in ``benchmarks/``, about
+a sixth of a single-row prediction's CPU. The cost to the user is that these
+routes produce no spans; Vigil's own metrics and request ids still cover them.
+It must be the service's own ``tracing`` section: BentoML copies it over the
+top-level ``tracing`` settings, so ``BENTOML_CONFIG_OPTIONS=tracing.excluded_urls``
+never reaches the workers.
+"""
+
 
 @bentoml.service(
     name="vigil",
@@ -253,6 +266,7 @@ __all__ = ["Vigil", "http"]
     # BentoML's HTTP metrics label requests with the raw path (unbounded on 404s); the edge
     # middleware exports bounded ones and Vigil serves /metrics itself.
     metrics={"enabled": False},
+    tracing={} if SETTINGS.tracing else {"excluded_urls": UNTRACED},
 )
 @bentoml.asgi_app(http, path="/")
 @bentoml.asgi_app(_HOT, path="/")
@@ -262,6 +276,10 @@ class Vigil:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self._in_flight = 0
+        # Request ids: a random per-worker prefix and a counter. uuid4() asks the kernel for
+        # randomness on every request, which costs more here than the id is worth.
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
         settings = self.settings
         self.metrics = VigilMetrics() if settings.metrics_enabled else None
         self.predlog = PredictionLog(
@@ -286,6 +304,8 @@ class Vigil:
         self.sampler = ProcessSampler(self.metrics, worker_label()) if self.metrics is not None else None
         if self.sampler is not None:
             self.sampler.start()
+        if self.metrics is not None:
+            self.metrics.start_flushing()
 
     def __is_ready__(self) -> bool:
         """Ready once every model that can load has loaded (loading happens in ``__init__``)."""
@@ -314,6 +334,8 @@ class Vigil:
         self.control.stop()
         if self.sampler is not None:
             self.sampler.stop()
+        if self.metrics is not None:
+            self.metrics.stop_flushing()
         if self.predlog is not None:
             self.predlog.close()
         self.server.close()
@@ -336,12 +358,12 @@ class Vigil:
 
     async def handle_predict(self, request: Request) -> Response:
         """The ``/predict`` handler proper (also reached without FastAPI, see the end of this module)."""
-        request_id = uuid.uuid4().hex
+        request_id = f"{self._id_prefix}{next(self._ids):016x}"
         if self._in_flight >= self.settings.max_concurrency:
             # Refuse at once, before reading the body: queueing would only add latency to
             # every request while the worker is saturated.
             if self.metrics is not None:
-                self.metrics.overloaded.labels("/predict").inc()
+                self.metrics.counter(self.metrics.overloaded, "/predict").inc()
             busy = Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
             return _json(error_body(busy), busy.status_code, {"Retry-After": "1", "X-Request-ID": request_id})
         self._in_flight += 1
@@ -351,7 +373,7 @@ class Vigil:
                 return await self._predict(request, request_id)
         except TimeoutError:
             if self.metrics is not None:
-                self.metrics.request_timeouts.labels("/predict").inc()
+                self.metrics.counter(self.metrics.request_timeouts, "/predict").inc()
             late = RequestTimeout(f"the request took longer than {self.settings.request_timeout_seconds:g} s")
             return _json(error_body(late), late.status_code, {"X-Request-ID": request_id})
         finally:
@@ -459,6 +481,8 @@ class Vigil:
                                "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics_endpoint(self) -> Response:
         """The ``vigil_`` families, merged over all workers (Prometheus multiprocess mode)."""
+        if self.metrics is not None:
+            self.metrics.flush()  # this worker's numbers exact; the others' at most FLUSH_SECONDS old
         text, content_type = await anyio.to_thread.run_sync(exposition)
         return Response(text, media_type=content_type)
 

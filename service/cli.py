@@ -149,11 +149,6 @@ def serve(
     if workers is not None:
         env["VIGIL_WORKERS"] = str(workers)
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
-    if env.get("VIGIL_TRACING", "").lower() not in ("1", "true", "yes"):
-        # BentoML traces every request even when no exporter is configured; skipping the hot and
-        # probe routes saves a span per request. VIGIL_TRACING=true keeps BentoML's tracing whole.
-        skip = "tracing.excluded_urls=/predict,/feedback,/metrics,/models,/livez,/readyz,/healthz"
-        env["BENTOML_CONFIG_OPTIONS"] = f"{env.get('BENTOML_CONFIG_OPTIONS', '')} {skip}".strip()
     reg = Registry(env.get("VIGIL_REGISTRY"))
     if not reg.names():
         err.print(f"[yellow]warning:[/] no models registered in {reg.root.resolve()}; serving nothing", highlight=False)

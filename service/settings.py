@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     """HTTP worker processes (``vigil serve --workers``)."""
 
+    tracing: bool = False
+    """Keep BentoML's OpenTelemetry spans for the hot and probe routes (off: those routes are not traced)."""
+
     metrics_enabled: bool = True
     """Record the ``vigil_`` metric families (off only to measure their cost)."""
 

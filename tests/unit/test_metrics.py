@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from monitoring.metrics import ProcessSampler, VigilMetrics, observe_many, prediction_buckets
+from monitoring.metrics import ProcessSampler, VigilMetrics, prediction_buckets
 from service.registry import ModelCard, Registry
 from service.runtime import Predictions
 
@@ -86,19 +87,59 @@ def test_two_models_with_different_buckets_export_one_family(metrics: VigilMetri
     assert models == {"cancer", "diabetes"}
 
 
-def test_observe_many_matches_observe() -> None:
+def test_deferred_histogram_matches_observe() -> None:
     one, many = CollectorRegistry(), CollectorRegistry()
     buckets = (0.1, 0.5, 1.0, 5.0)
     a = Histogram("h", "h", buckets=buckets, registry=one)
     b = Histogram("h", "h", buckets=buckets, registry=many)
+    deferred = VigilMetrics(registry=None).histogram(b)
     values = np.array([0.05, 0.1, 0.3, 0.5, 0.7, 1.0, 3.0, 9.0, 9.5])
     for v in values:
         a.observe(float(v))
-    observe_many(b, values)
+    deferred.observe_many(values[:5])
+    for v in values[5:]:
+        deferred.observe(float(v))
+    assert many.get_sample_value("h_count") == 0  # nothing written before the flush
+    deferred.flush()
     for le in ("0.1", "0.5", "1.0", "5.0", "+Inf"):
         assert one.get_sample_value("h_bucket", {"le": le}) == many.get_sample_value("h_bucket", {"le": le})
     assert one.get_sample_value("h_sum") == pytest.approx(many.get_sample_value("h_sum"))
     assert one.get_sample_value("h_count") == many.get_sample_value("h_count") == 9
+    deferred.observe(0.2)
+    deferred.flush()
+    deferred.flush()  # a second flush with nothing new adds nothing
+    assert many.get_sample_value("h_count") == 10
+
+
+def test_collecting_the_registry_flushes_and_children_are_shared(metrics: VigilMetrics,
+                                                                 registry: CollectorRegistry) -> None:
+    first = metrics.counter(metrics.predictions, "m", "1", "stable")
+    assert metrics.counter(metrics.predictions, "m", "1", "stable") is first
+    first.inc(3)
+    metrics.gauge(metrics.http_in_progress, "/predict").inc(2)
+    assert value(registry, "vigil_predictions_total", model="m", version="1", variant="stable") == 3
+    assert value(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 2
+
+
+def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", registry=registry)
+    metrics = VigilMetrics(registry=None)
+    deferred = metrics.counter(counter)
+    done = threading.Event()
+
+    def flush_repeatedly() -> None:
+        while not done.is_set():
+            metrics.flush()
+
+    flusher = threading.Thread(target=flush_repeatedly)
+    flusher.start()
+    for _ in range(200_000):
+        deferred.inc()
+    done.set()
+    flusher.join()
+    metrics.flush()
+    assert registry.get_sample_value("c_total") == 200_000
 
 
 def test_inputs_calls_errors_and_rejections(metrics: VigilMetrics, registry: CollectorRegistry,
