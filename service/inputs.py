@@ -31,6 +31,8 @@ from service.registry import FeatureSpec, ModelCard
 from service.runtime import Batch
 
 FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
+_NUMBER_TYPES = frozenset({float, int})
+_INT_TYPE = frozenset({int})
 
 
 class PredictRequest(BaseModel):
@@ -64,6 +66,9 @@ def parse_json(body: bytes) -> Any:
             raise BadRequest(f"malformed JSON: {strict_error}", code="malformed_json") from None
 
 
+_ENVELOPE_KEYS = frozenset({"model", "instances", "key"})
+
+
 def parse_envelope(payload: Any, max_instances: int) -> PredictRequest:
     """Validate the request envelope (model, instances, key), before the model's own schema."""
     if isinstance(payload, dict):
@@ -73,6 +78,13 @@ def parse_envelope(payload: Any, max_instances: int) -> PredictRequest:
                 f"{len(instances)} instances in one request; the limit is {max_instances}",
                 code="too_many_instances",
             )
+        # The common, well-formed envelope is taken as is: pydantic would copy every
+        # instance dict (a fifth of a 64-row request's time) only to find nothing wrong.
+        model, key = payload.get("model"), payload.get("key")
+        if (payload.keys() <= _ENVELOPE_KEYS and type(model) is str and 0 < len(model) <= 64
+                and (key is None or (type(key) is str and len(key) <= 256))
+                and type(instances) is list and instances and all(type(row) is dict for row in instances)):
+            return PredictRequest.model_construct(model=model, instances=instances, key=key)
     try:
         return _ENVELOPE.validate_python(payload)
     except ValidationError as exc:
@@ -147,9 +159,15 @@ class InstanceValidator:
         self._numeric_names = [card.features[i].name for i in numeric]
         self._bounds_lo = self._mins.tolist()
         self._bounds_hi = self._maxs.tolist()
+        self._name_set = frozenset(self.names)
+        self._int_columns = [i for i, f in enumerate(card.features) if f.type == "int"]
 
     def validate(self, instances: list[dict[str, Any]]) -> tuple[Batch, InputQuality]:
         """Check every instance; raise :class:`InvalidInput` listing every problem found."""
+        matrix = self.numeric_matrix(instances) if self.all_numeric else None
+        if matrix is not None:
+            return (Batch(size=len(instances), matrix=matrix),
+                    InputQuality(missing={}, out_of_range=self._out_of_range(matrix)))
         try:
             rows = self.adapter.validate_python(instances)
         except ValidationError as exc:
@@ -191,6 +209,36 @@ class InstanceValidator:
                 if count:
                     missing[name] = count
         return batch, InputQuality(missing=missing, out_of_range=self._out_of_range(numeric))
+
+    def numeric_matrix(self, instances: list[Any]) -> np.ndarray | None:
+        """The float64 matrix of instances that are plainly valid, else None.
+
+        Plainly valid: every instance has exactly the card's features, each a
+        finite JSON number (an integer for ``int`` features). That is what
+        nearly every request sends, and checking it with a few C-level passes is
+        several times cheaper than the per-value schema validation, which still
+        runs for anything else (nulls included) and names every problem.
+        """
+        names, expected = self.names, self._name_set
+        for row in instances:
+            if type(row) is not dict or row.keys() != expected:
+                return None
+        values = [row[name] for row in instances for name in names]
+        if not set(map(type, values)) <= _NUMBER_TYPES:  # bool, str, None, lists: the schema says why
+            return None
+        width = len(names)
+        for column in self._int_columns:
+            if not set(map(type, values[column::width])) <= _INT_TYPE:
+                return None
+        try:
+            matrix = np.array(values, dtype=np.float64).reshape(len(instances), width)
+        except OverflowError:  # an integer beyond float range
+            return None
+        if not np.isfinite(matrix).all():
+            return None
+        if self._int_columns and (np.abs(matrix[:, self._int_columns]) >= 2.0**63).any():
+            return None
+        return matrix
 
     def _out_of_range(self, numeric: np.ndarray) -> dict[str, int]:
         out_of_range: dict[str, int] = {}

@@ -231,6 +231,11 @@ class ModelCard(BaseModel):
         """Feature names in the order the model takes them."""
         return [f.name for f in self.features]
 
+    @property
+    def hashes_pii(self) -> bool:
+        """Whether any feature is logged as a salted hash of its value (``pii: hash``)."""
+        return any(f.pii == "hash" for f in self.features)
+
 
 def registry_root(path: str | os.PathLike[str] | None = None) -> Path:
     """The registry directory: the argument, else ``VIGIL_REGISTRY``, else ``./models``."""

@@ -387,7 +387,7 @@ class ModelServer:
         outcome = await self._answer(entry, served, batch)
         items = _items(served, outcome)
         if self.predlog is not None:
-            self.predlog.append(_log_record(served, request, request_id, outcome))
+            self.predlog.append(_log_record(served, request, request_id, batch, outcome))
         seconds = time.perf_counter() - started
         if served.metrics is not None:
             served.metrics.request_duration.observe(seconds)
@@ -575,7 +575,8 @@ def _items(served: ServedVersion, outcome: _Outcome) -> list[dict[str, Any]]:
     return items
 
 
-def _log_record(served: ServedVersion, request: PredictRequest, request_id: str, outcome: _Outcome) -> LoggedRequest:
+def _log_record(served: ServedVersion, request: PredictRequest, request_id: str, batch: Batch,
+                outcome: _Outcome) -> LoggedRequest:
     predictions = outcome.predictions
     if predictions.values is not None:
         prediction: list[Any] = predictions.values.tolist()
@@ -586,9 +587,11 @@ def _log_record(served: ServedVersion, request: PredictRequest, request_id: str,
         probs = predictions.probabilities
         score = (probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1)).tolist()
     has_fallback = any(r is not None for r in outcome.reasons)
+    # With the numeric matrix the log needs the instance dicts only to hash PII features.
+    keep_instances = batch.matrix is None or served.card.hashes_pii
     return LoggedRequest(time=time.time(), request_id=request_id, card=served.card, variant=served.variant,
-                         instances=request.instances, prediction=prediction, score=score,
-                         reasons=outcome.reasons if has_fallback else None)
+                         instances=request.instances if keep_instances else None, prediction=prediction, score=score,
+                         reasons=outcome.reasons if has_fallback else None, matrix=batch.matrix)
 
 
 def _warm_up(predictor: Predictor, validator: InstanceValidator, card: ModelCard, budget_seconds: float) -> float:

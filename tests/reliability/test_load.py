@@ -73,6 +73,7 @@ def test_soak_loses_nothing_and_memory_stays_flat(example_registry: Path, tmp_pa
         workers = worker_processes(server.proc.pid)
         assert len(workers) == 2
         rss_before = sum(p.memory_info().rss for p in workers)
+        time.sleep(1.0)  # each worker writes its counts every 0.1 s: let the warm-up's land
         before = metric_value(server.metrics_text(), "vigil_predictions_total") or 0
         result = finish(start_load(server.url, bodies, 8, requests=SOAK_REQUESTS))
         assert result["requests"] == result["answered"] == SOAK_REQUESTS, result

@@ -130,3 +130,73 @@ def test_envelope_rules() -> None:
         with pytest.raises(BadRequest) as info:
             parse_envelope(bad, 10)
         assert info.value.details[0]["field"] == field
+
+
+SLOW_ONLY = [True, False, None, "1", [1], {"x": 1}, float("nan"), float("inf"), -float("inf"), 10**400, 2**63, 1.5]
+"""Values the plain-number fast path must leave to the schema (1.5 only for the int feature)."""
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_numeric_path_agrees_with_the_schema(seed: int) -> None:
+    """Whatever the fast path accepts, the schema accepts with the same matrix; whatever it declines, the schema decides."""
+    rng = np.random.default_rng(seed)
+    validator = InstanceValidator(NUMERIC)
+    rows: list[Any] = []
+    for _ in range(int(rng.integers(1, 6))):
+        row: dict[str, Any] = {"a": float(rng.normal()), "b": int(rng.integers(-1, 2)), "n": int(rng.integers(0, 6))}
+        if rng.random() < 0.3:
+            row[str(rng.choice(["a", "b", "n"]))] = SLOW_ONLY[int(rng.integers(len(SLOW_ONLY)))]
+        if rng.random() < 0.1:
+            row.pop(str(rng.choice(["a", "b", "n"])))
+        if rng.random() < 0.1:
+            row["extra"] = 1
+        rows.append(row if rng.random() > 0.05 else [row])
+    fast = validator.numeric_matrix(rows)
+    try:
+        validator.adapter.validate_python(rows)
+        schema_accepts = True
+    except Exception:  # noqa: BLE001 - any refusal
+        schema_accepts = False
+    if fast is not None:
+        assert schema_accepts
+        batch, _ = validator.validate(rows)
+        expected = [[float(r["a"]), float(r["b"]), float(r["n"])] for r in rows]
+        assert batch.matrix is not None and batch.matrix.tolist() == expected
+    elif schema_accepts:
+        validator.validate(rows)  # declined by the fast path, still accepted by the schema path
+    else:
+        with pytest.raises(InvalidInput):
+            validator.validate(rows)
+
+
+def test_fast_path_takes_plain_rows_and_leaves_the_rest() -> None:
+    validator = InstanceValidator(NUMERIC)
+    assert validator.numeric_matrix([{"a": 1, "b": 0.5, "n": 3}]) is not None
+    for row in ({"a": 1, "b": None, "n": 3}, {"a": 1, "n": 3}, {"a": 1, "b": 0.5, "n": 3.0},
+                {"a": True, "b": 0.5, "n": 3}, {"a": float("nan"), "b": 0.5, "n": 3}, {"a": 10**400, "b": 0, "n": 3}):
+        assert validator.numeric_matrix([row]) is None, row
+
+
+@pytest.mark.parametrize("payload", [
+    {"model": "m", "instances": [{"a": 1}]},
+    {"model": "m", "instances": [{"a": 1}], "key": None},
+    {"model": "m", "instances": [{"a": 1}], "key": "user-1"},
+    {"model": "m", "instances": [{"a": 1}, 3]},
+    {"model": "m" * 65, "instances": [{"a": 1}]},
+    {"model": "m", "instances": [{"a": 1}], "key": "k" * 257},
+    {"model": "m", "instances": [{"a": 1}], "key": 5},
+    {"model": "", "instances": [{"a": 1}]},
+])
+def test_envelope_fast_path_agrees_with_the_schema(payload: dict[str, Any]) -> None:
+    from service.inputs import PredictRequest
+
+    try:
+        expected: PredictRequest | None = PredictRequest.model_validate(payload)
+    except Exception:  # noqa: BLE001
+        expected = None
+    if expected is None:
+        with pytest.raises(BadRequest):
+            parse_envelope(payload, 10)
+    else:
+        got = parse_envelope(payload, 10)
+        assert (got.model, got.instances, got.key) == (expected.model, expected.instances, expected.key)

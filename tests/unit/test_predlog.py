@@ -173,3 +173,39 @@ def test_sigkill_mid_write_leaves_earlier_segments_readable(tmp_path: Path) -> N
     frame = read_log(tmp_path, "churn")
     assert len(frame) == 1000 * len(files)
     assert not frame.duplicated(["request_id", "index"]).any()
+
+
+def test_numeric_requests_log_the_same_rows_from_their_matrix(tmp_path: Path) -> None:
+    """Requests that hand over the validated matrix are logged exactly as from their instance dicts (nulls too)."""
+    import numpy as np
+
+    features = [FeatureSpec(name="x", min=0, max=1), FeatureSpec(name="k", type="int", min=0, max=9),
+                FeatureSpec(name="z", min=0, max=1, nullable=True), FeatureSpec(name="secret", min=0, max=1, pii="drop")]
+    numeric = ModelCard(
+        name="num", version="1", task="regression", features=features,
+        signature=OnnxSignature(input_mode="tensor", inputs={"input": "float"}, value_output="v"),
+        prediction_range={"min": 0, "max": 1},  # type: ignore[arg-type]
+        training=Training(dataset_fingerprint="x", rows=1, created_at=datetime.now(timezone.utc)), sha256="0" * 64)
+    instances = [{"x": 0.5, "k": 3, "z": None, "secret": 0.1}, {"x": 0.25, "k": 7, "z": 0.75, "secret": 0.2}]
+    matrix = np.array([[0.5, 3, np.nan, 0.1], [0.25, 7, 0.75, 0.2]])
+    frames = []
+    older = numeric.model_copy(update={"version": "0", "features": features[:2]})  # another version: per-value path
+    for name, given, m in (("dicts", instances, None), ("matrix", None, matrix), ("mixed", None, matrix)):
+        log = PredictionLog(tmp_path / name, worker="1")
+        if name == "mixed":  # the segment takes the newest record's features; older ones fill what they have
+            log.append(LoggedRequest(time=1_700_000_000.0, request_id="s", card=older, variant="stable",
+                                     instances=None, prediction=[0.3], score=None, reasons=None,
+                                     matrix=np.array([[0.5, 2.0]])))
+        log.append(LoggedRequest(time=1_700_000_000.0, request_id="r", card=numeric, variant="stable",
+                                 instances=given, prediction=[0.1, 0.2], score=None, reasons=None, matrix=m))
+        if name == "mixed":
+            assert log.flush() == 3
+            mixed = read_log(tmp_path / name, "num").sort_values("request_id").reset_index(drop=True)
+            assert mixed["x"].tolist() == [0.5, 0.25, 0.5] and mixed["k"].tolist() == [3, 7, 2]
+            assert mixed["z"].isna().tolist() == [True, False, True]  # null in r, absent from s's version
+            continue
+        assert log.flush() == 2
+        frames.append(read_log(tmp_path / name, "num"))
+    pd.testing.assert_frame_equal(frames[0], frames[1])  # same rows whether read from dicts or the matrix
+    assert frames[1]["k"].tolist() == [3, 7] and str(frames[1]["k"].dtype) == "int64"
+    assert frames[1]["z"].isna().tolist() == [True, False] and "secret" not in frames[1]
