@@ -85,8 +85,8 @@ class EdgeMiddleware:
         in_progress.inc()
         started = time.perf_counter()
         try:
-            if direct:
-                await _answer_directly(service, path, scope, receive, recording_send)
+            if direct:  # the handler's response says its status: no wrapper around send
+                status = await _answer_directly(service, path, scope, receive, send)
             else:
                 await self.app(scope, receive, recording_send)
         finally:
@@ -110,11 +110,12 @@ class EdgeMiddleware:
         return service
 
 
-async def _answer_directly(service: Any, path: str, scope: Scope, receive: Receive, send: Send) -> None:
-    request = Request(scope, receive)
+async def _answer_directly(service: Any, path: str, scope: Scope, receive: Receive, send: Send) -> int:
+    """Answer a hot route with the service's handler; returns the status sent."""
     handler = service.handle_predict if path == "/predict" else service.handle_feedback
-    response = await handler(request)
+    response = await handler(Request(scope, receive))
     await response(scope, receive, send)
+    return int(response.status_code)
 
 
 def _cors_enabled() -> bool:
