@@ -29,6 +29,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from monitoring.jobfiles import atomic_write
+
 FEEDBACK_DIR = "feedback"
 
 
@@ -139,9 +141,7 @@ def write_feedback(data_dir: Path, model: str, task: str, rows: list[FeedbackRow
     else:
         columns["actual_value"] = pa.array([float(r.actual) for r in rows], type=pa.float64())
     name = f"fb-{int(now * 1000)}-{os.getpid()}-{seq:06d}.parquet"
-    tmp = directory / f".{name}.tmp"
-    pq.write_table(pa.Table.from_pydict(columns), tmp)
-    os.replace(tmp, directory / name)
+    atomic_write(directory / name, lambda tmp: pq.write_table(pa.Table.from_pydict(columns), tmp))
     return directory / name
 
 

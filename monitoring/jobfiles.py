@@ -21,11 +21,20 @@ LATEST_FILE = "latest.json"
 R = TypeVar("R", bound=BaseModel)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory and rename it into place."""
+def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = False) -> None:
+    """Write through a temporary file in the same directory and rename it into place.
+
+    Readers never see half a file: the temporary name starts with a dot (which
+    every reader of Vigil's directories skips) and is removed if ``write`` fails.
+    ``durable`` also syncs the file to disk before the rename, for state that
+    must survive a power cut rather than just a crash.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from monitoring.jobfiles import atomic_write
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -222,9 +224,7 @@ class PredictionLog:
             directory.mkdir(parents=True, exist_ok=True)
             self._seq += 1
             name = f"part-{int(time.time() * 1000)}-w{self.worker}-{os.getpid()}-{self._seq:06d}.parquet"
-            tmp = directory / f".{name}.tmp"
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, directory / name)
+            atomic_write(directory / name, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
     def _columns(self, records: list[LoggedRequest]) -> dict[str, Any]:
         import pyarrow as pa

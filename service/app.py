@@ -396,8 +396,7 @@ class Vigil:
             envelope = parse_envelope(payload, self.settings.max_instances)
             answer = await self.server.predict(envelope, request_id)
         except VigilError as exc:
-            # Unknown models and invalid instances are counted by the server itself.
-            if exc.status_code < 500 and exc.code not in ("model_not_found", "invalid_input"):
+            if exc.status_code < 500:
                 self.server.reject(model, exc.code)
             return _json(error_body(exc), exc.status_code, {"X-Request-ID": request_id})
         return _json(answer, headers={"X-Request-ID": request_id})
@@ -471,11 +470,7 @@ class Vigil:
             _check_content_type(request)
             payload = parse_json(await _read_body(request, self.settings.max_body_bytes))
             body = self.feedback_service.parse(payload)
-            models = self.server.models
-            cards = {name: entry.stable.card for name, entry in models.items() if entry.stable is not None}
-            comparisons = {name: (entry.comparison, entry.policy.canary.rollback_when)
-                           for name, entry in models.items()
-                           if entry.comparison is not None and entry.policy.canary is not None}
+            cards, comparisons = self.server.feedback_targets()
             # Joining reads prediction-log segments: off the event loop.
             answer = await anyio.to_thread.run_sync(self.feedback_service.accept, body, cards, comparisons)
         except VigilError as exc:

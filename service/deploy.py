@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from monitoring.jobfiles import atomic_write
 from service.errors import VigilError
 
 
@@ -224,12 +225,7 @@ def load_state(data_dir: Path) -> DeployState:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=True)
 
 
 def record_rollback(data_dir: Path, model: str, record: RollbackRecord) -> DeployState:

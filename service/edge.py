@@ -91,12 +91,14 @@ class EdgeMiddleware:
                 await self.app(scope, receive, recording_send)
         finally:
             in_progress.dec()
-            metrics.histogram(metrics.http_duration, endpoint).observe(time.perf_counter() - started)
+            finished = time.perf_counter()
+            metrics.histogram(metrics.http_duration, endpoint).observe(finished - started)
             key = (endpoint, scope.get("method", "GET"), status)
             child = self._children.get(key)
             if child is None:
                 child = self._children[key] = metrics.counter(metrics.http_requests, key[0], key[1], str(key[2]))
             child.inc()
+            metrics.flush_if_due(finished)
 
     def _find_service(self) -> Any:
         try:

@@ -110,6 +110,14 @@ class VersionHealth:
     quality_degraded: bool = False
 
 
+INLINE_CALL_SECONDS = 0.002
+"""Model calls typically faster than this run on the event loop: a thread hop would cost more than the call."""
+MIN_PROBE_SECONDS = 1.0
+MAX_PROBE_SECONDS = 60.0
+PROBE_CEILING_SECONDS = 0.05
+"""Models typically slower than this on a thread are never timed on the event loop (it would stall it)."""
+
+
 @dataclass
 class ServedVersion:
     """One model version as served: its model (if it loaded), its fallback, and its health state."""
@@ -127,10 +135,41 @@ class ServedVersion:
     loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     load_seconds: float = 0.0
     call_seconds_ewma: float = 0.0
+    """Typical duration of a model call made on the event loop."""
+    next_probe: float = 0.0
+    """While calls run on threads: when (``time.perf_counter()``) to time one on the event loop again."""
+    probe_interval: float = MIN_PROBE_SECONDS
 
-    def note_call(self, seconds: float) -> None:
-        """Track typical call time (decides whether calls run inline or on a thread)."""
-        self.call_seconds_ewma = seconds if self.call_seconds_ewma == 0 else 0.9 * self.call_seconds_ewma + 0.1 * seconds
+    def calls_inline(self, now: float) -> bool:
+        """Whether the next model call runs on the event loop: typical calls are fast, or a re-measure is due."""
+        seconds = self.call_seconds_ewma
+        return seconds < INLINE_CALL_SECONDS or (seconds < PROBE_CEILING_SECONDS and now >= self.next_probe)
+
+    def note_call(self, seconds: float, inline: bool = True, now: float = 0.0) -> None:
+        """Track typical call time (it decides whether calls run on the event loop or on a thread).
+
+        A call timed on a thread includes its waits for the interpreter lock
+        while the loop is busy (5 ms each): a 10 µs model looked like a 5 ms one
+        and, once on threads, stayed there for good at a fifth of its throughput.
+        So while a model that is not very slow runs on threads, one call now and
+        then is made on the loop instead (after 1 s, then backing off to a
+        minute while it stays slow), and its time replaces the history.
+        """
+        if self.call_seconds_ewma == 0:
+            self.call_seconds_ewma = seconds
+            self.next_probe = now + MIN_PROBE_SECONDS
+            return
+        if inline and self.call_seconds_ewma >= INLINE_CALL_SECONDS:  # a probe
+            self.call_seconds_ewma = seconds
+            if seconds >= INLINE_CALL_SECONDS:  # still slow: wait twice as long for the next one
+                self.probe_interval = min(self.probe_interval * 2, MAX_PROBE_SECONDS)
+                self.next_probe = now + self.probe_interval
+            return
+        was_fast = self.call_seconds_ewma < INLINE_CALL_SECONDS
+        self.call_seconds_ewma = 0.9 * self.call_seconds_ewma + 0.1 * seconds
+        if was_fast and self.call_seconds_ewma >= INLINE_CALL_SECONDS:
+            self.probe_interval = MIN_PROBE_SECONDS
+            self.next_probe = now + MIN_PROBE_SECONDS
 
 
 def degraded_reason(served: ServedVersion, policy: ModelPolicy) -> str | None:

@@ -45,8 +45,6 @@ from monitoring.predlog import LoggedRequest, PredictionLog
 
 log = logging.getLogger("vigil.serving")
 
-INLINE_CALL_SECONDS = 0.002
-"""Model calls typically faster than this run on the event loop: a thread hop would cost more than the call."""
 
 
 @dataclass
@@ -188,7 +186,7 @@ class ModelServer:
         served.predictor = predictor
         served.load_seconds = predictor.load_seconds
         # A model that is slow from its first call runs on a thread from the first request on.
-        served.note_call(warm_up_seconds)
+        served.note_call(warm_up_seconds, now=time.perf_counter())
         if self.metrics is not None:
             self.metrics.model_loaded(card, predictor.load_seconds)
         log.info("model %s:%s loaded in %.3fs", name, version, predictor.load_seconds)
@@ -372,16 +370,8 @@ class ModelServer:
     async def predict(self, request: PredictRequest, request_id: str) -> dict[str, Any]:
         """Validate, route, predict, check and record one request; returns the response body."""
         started = time.perf_counter()
-        try:
-            entry, served = self.route(request.model, request.key)
-        except ModelNotFound:
-            self._reject("unknown", "unknown_model")
-            raise
-        try:
-            batch, quality = served.validator.validate(request.instances)
-        except VigilError:
-            self._reject(request.model, "invalid_input")
-            raise
+        entry, served = self.route(request.model, request.key)
+        batch, quality = served.validator.validate(request.instances)
         if served.metrics is not None:
             served.metrics.record_inputs(quality.missing, quality.out_of_range)
         outcome = await self._answer(entry, served, batch)
@@ -450,8 +440,9 @@ class ModelServer:
         assert served.predictor is not None
         budget = policy.timeout_ms / 1000
         started = time.perf_counter()
+        inline = served.calls_inline(started)
         try:
-            if served.call_seconds_ewma < INLINE_CALL_SECONDS:
+            if inline:
                 predictions, seconds = _timed_predict(served.predictor, batch, budget)
             else:
                 # A slow model runs on a thread so the worker keeps answering health checks
@@ -460,22 +451,20 @@ class ModelServer:
                 predictions, seconds = await loop.run_in_executor(
                     self._executor, _timed_predict, served.predictor, batch, budget)
         except ModelTimeout:
-            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size)
+            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline)
             return None, "timeout"
         except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
-            self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size)
+            self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size, inline)
             log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
             return None, "model_error"
-        # The model's own time, not the wait for a thread: under load the wait would keep a
-        # fast model on threads for good.
-        served.note_call(seconds)
+        served.note_call(seconds, inline, started)
         if served.metrics is not None:
             served.metrics.record_call(seconds, batch.size)
         return predictions, None
 
-    def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int) -> None:
-        served.note_call(seconds)
+    def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int, inline: bool) -> None:
+        served.note_call(seconds, inline, time.perf_counter())
         if served.metrics is not None:
             served.metrics.record_error(kind)
             served.metrics.record_call(seconds, size)
@@ -489,18 +478,32 @@ class ModelServer:
             served.fallback_metrics.record_fallback(reason, batch.size)
         return predictions
 
-    def _reject(self, model: str, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.rejected(model, reason)
+    def feedback_targets(self) -> tuple[dict[str, ModelCard], dict[str, tuple[Any, Any]]]:
+        """What ground truth is checked and counted against: each model's stable card, and each
+        live canary comparison with its rollback rules (fed with both variants' actuals)."""
+        cards = {name: entry.stable.card for name, entry in self.models.items() if entry.stable is not None}
+        comparisons = {name: (entry.comparison, entry.policy.canary.rollback_when)
+                       for name, entry in self.models.items()
+                       if entry.comparison is not None and entry.policy.canary is not None}
+        return cards, comparisons
 
-    def reject(self, model: str | None, reason: str) -> None:
-        """Count a request refused before it reached a model (bad body, too large, ...)."""
-        known = model if model is not None and model in self.models else "unknown"
-        self._reject(known, reason)
+    def reject(self, model: str | None, code: str) -> None:
+        """Count a request refused by validation, by the error code it was answered with.
+
+        ``model`` is whatever the body named: anything not registered is counted
+        as ``unknown``, so the label stays a bounded set.
+        """
+        if self.metrics is not None:
+            known = model if model is not None and model in self.models else "unknown"
+            self.metrics.rejected(known, REJECTION_REASONS.get(code, code))
 
     def close(self) -> None:
         """Release the model-call threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+REJECTION_REASONS = {"model_not_found": "unknown_model"}
+"""``vigil_input_rejected_total`` reasons that differ from the error code in the response."""
 
 
 def _timed_predict(predictor: Predictor, batch: Batch, budget: float) -> tuple[Predictions, float]:

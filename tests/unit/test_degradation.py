@@ -215,3 +215,40 @@ def test_canary_with_worse_ground_truth_breaches_on_quality() -> None:
     for i in range(60):
         fair.canary.record_feedback(missed=i % 15 == 0)  # 7%: within noise of 5%
     assert fair.evaluate(rules) is None
+
+
+def test_calls_leave_the_event_loop_when_slow_and_come_back_when_fast() -> None:
+    from service.routing import MAX_PROBE_SECONDS, MIN_PROBE_SECONDS, ServedVersion
+
+    def served_version() -> ServedVersion:
+        return ServedVersion(card=None, validator=None, fallback=None, predictor=None, breaker=None)  # type: ignore[arg-type]
+
+    served = served_version()
+
+    def call(now: float, seconds: float, seconds_on_thread: float | None = None) -> bool:
+        inline = served.calls_inline(now)
+        served.note_call(seconds if inline else (seconds_on_thread or seconds), inline, now)
+        return inline
+
+    assert call(0.0, 0.00001)
+    t = 0.0
+    while call(t, 0.02):  # the model turns slow: once its typical time passes 2 ms, calls go to threads
+        t += 0.01
+    assert t < 1.0
+    # A fast model looks slow on a thread (lock waits): only a call on the loop can bring it back.
+    assert not call(t + 0.5, 0.00001, seconds_on_thread=0.005)
+    assert call(t + MIN_PROBE_SECONDS, 0.02)  # one call a second later is timed on the loop: still slow
+    assert not call(t + MIN_PROBE_SECONDS + 1.5, 0.02)  # so the next probe waits twice as long
+    assert call(t + MIN_PROBE_SECONDS + 2.0, 0.02)
+    for _ in range(10):
+        call(served.next_probe, 0.02)
+    assert served.probe_interval == MAX_PROBE_SECONDS
+    assert call(served.next_probe, 0.00001)  # fast again: back on the loop, for good
+    assert all(call(served.next_probe + i, 0.00001) for i in range(5))
+
+    served = served_version()  # a model slower than 50 ms is never timed on the loop: it would stall it
+    assert call(0.0, 0.5)  # (the warm-up call, made before any request)
+    assert not any(call(float(s), 0.5) for s in range(1, 200))
+    for s in range(200, 260):  # it turns fast: timed on threads, its typical time falls under 50 ms
+        call(float(s), 0.00001, seconds_on_thread=0.004)
+    assert call(500.0, 0.00001) and call(500.1, 0.00001)
