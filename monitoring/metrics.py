@@ -600,8 +600,8 @@ class BoundModelMetrics:
         assert predictions.probabilities is not None
         rows = predictions.probabilities.tolist()
         for row in rows:
-            if all(math.isfinite(p) for p in row):
-                self.classes[max(range(len(row)), key=row.__getitem__)].inc()
+            if math.isfinite(sum(row)):  # NaN or ±inf anywhere makes the sum non-finite
+                self.classes[row.index(max(row))].inc()  # the first maximum, as numpy's argmax
                 if self.binary:
                     self.prediction_value.observe(row[1])
         self.predictions.inc(len(rows))
