@@ -51,6 +51,7 @@ class EdgeMiddleware:
         self._service: Any = None
         self._direct = False
         self._children: dict[tuple[str, str, int], Any] = {}
+        self._recorders: dict[str, tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,7 +82,11 @@ class EdgeMiddleware:
                 status = message["status"]
             await send(message)
 
-        in_progress = metrics.gauge(metrics.http_in_progress, endpoint)
+        recorder = self._recorders.get(endpoint)
+        if recorder is None:
+            recorder = self._recorders[endpoint] = (metrics.gauge(metrics.http_in_progress, endpoint),
+                                                     metrics.histogram(metrics.http_duration, endpoint))
+        in_progress, duration = recorder
         in_progress.inc()
         started = time.perf_counter()
         try:
@@ -92,7 +97,7 @@ class EdgeMiddleware:
         finally:
             in_progress.dec()
             finished = time.perf_counter()
-            metrics.histogram(metrics.http_duration, endpoint).observe(finished - started)
+            duration.observe(finished - started)
             key = (endpoint, scope.get("method", "GET"), status)
             child = self._children.get(key)
             if child is None:

@@ -372,7 +372,7 @@ class ModelServer:
         started = time.perf_counter()
         entry, served = self.route(request.model, request.key)
         batch, quality = served.validator.validate(request.instances)
-        if served.metrics is not None:
+        if served.metrics is not None and (quality.missing or quality.out_of_range):
             served.metrics.record_inputs(quality.missing, quality.out_of_range)
         outcome = await self._answer(entry, served, batch)
         items = _items(served, outcome)

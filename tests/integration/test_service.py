@@ -20,14 +20,27 @@ META_COLUMNS = ("target", "prediction", "prediction_score")
 
 @pytest.fixture(scope="module")
 def registry_with_broken(example_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The examples plus 'broken', a copy of cancer whose model file changed after registration."""
+    """The examples plus two copies of cancer that cannot load.
+
+    'broken': its model file changed after registration (sha256 mismatch).
+    'truncated': its model file cut in half and its card's sha256 edited to
+    match, so the file passes the checksum and onnxruntime itself refuses it.
+    """
+    import hashlib
+
     root = tmp_path_factory.mktemp("registry-broken") / "models"
     shutil.copytree(example_registry, root)
-    shutil.copytree(root / "cancer", root / "broken")
-    card = root / "broken" / "1" / "card.yaml"
-    card.write_text(card.read_text().replace("name: cancer", "name: broken"))
+    for name in ("broken", "truncated"):
+        shutil.copytree(root / "cancer", root / name)
+        card = root / name / "1" / "card.yaml"
+        card.write_text(card.read_text().replace("name: cancer", f"name: {name}"))
     with open(root / "broken" / "1" / "model.onnx", "ab") as fh:
         fh.write(b"tampered")
+    model = root / "truncated" / "1" / "model.onnx"
+    original = hashlib.sha256(model.read_bytes()).hexdigest()
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    card = root / "truncated" / "1" / "card.yaml"
+    card.write_text(card.read_text().replace(original, hashlib.sha256(model.read_bytes()).hexdigest()))
     return root
 
 
@@ -215,12 +228,17 @@ def test_answered_instances_reach_the_prediction_log(server: VigilServer, regist
     assert mine["prediction_score"].tolist() == pytest.approx([p["probabilities"]["1"] for p in answer["predictions"]])
 
 
-def test_readyz_names_the_model_that_is_not_ready(server: VigilServer) -> None:
+def test_readyz_names_the_model_that_is_not_ready(server: VigilServer, registry_with_broken: Path) -> None:
     response = server.get("/readyz")
     assert response.status_code == 200  # the other models serve
     body = response.json()
     assert body["ready"] is True and "sha256" in body["not_ready"]["broken"]
+    assert "sha256" not in body["not_ready"]["truncated"] and body["not_ready"]["truncated"]
     assert body["models"]["cancer"] == "serving" and "cancer" not in body["not_ready"]
+    fallback = server.post("/predict", json={"model": "truncated", "instances": reference_rows(
+        registry_with_broken, "cancer", 1)})
+    assert fallback.status_code == 200  # answered by the card's fallback while the model cannot load
+    assert fallback.json()["predictions"][0]["reason"] == "load_failed"
 
 
 def test_unknown_paths_create_no_label_values(server: VigilServer) -> None:
