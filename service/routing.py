@@ -166,6 +166,10 @@ class ServedVersion:
                 self.next_probe = now + self.probe_interval
             return
         was_fast = self.call_seconds_ewma < INLINE_CALL_SECONDS
+        # One call that took long because the worker was descheduled (two workers and a load
+        # generator on two cores) must not move a 10 µs model to threads: a sample counts for at
+        # most ten times the typical time plus 1 ms, so only sustained slowness crosses 2 ms.
+        seconds = min(seconds, 10 * self.call_seconds_ewma + 0.001)
         self.call_seconds_ewma = 0.9 * self.call_seconds_ewma + 0.1 * seconds
         if was_fast and self.call_seconds_ewma >= INLINE_CALL_SECONDS:
             self.probe_interval = MIN_PROBE_SECONDS

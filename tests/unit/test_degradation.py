@@ -231,6 +231,8 @@ def test_calls_leave_the_event_loop_when_slow_and_come_back_when_fast() -> None:
         return inline
 
     assert call(0.0, 0.00001)
+    assert call(0.001, 0.05) and call(0.002, 0.00001) and call(0.003, 0.05)  # hiccups: it stays on the loop
+    assert served.calls_inline(0.004)
     t = 0.0
     while call(t, 0.02):  # the model turns slow: once its typical time passes 2 ms, calls go to threads
         t += 0.01
