@@ -145,7 +145,7 @@ class ServedVersion:
         seconds = self.call_seconds_ewma
         return seconds < INLINE_CALL_SECONDS or (seconds < PROBE_CEILING_SECONDS and now >= self.next_probe)
 
-    def note_call(self, seconds: float, inline: bool = True, now: float = 0.0) -> None:
+    def note_call(self, seconds: float, inline: bool = True, now: float = 0.0, timed_out: bool = False) -> None:
         """Track typical call time (it decides whether calls run on the event loop or on a thread).
 
         A call timed on a thread includes its waits for the interpreter lock
@@ -154,6 +154,7 @@ class ServedVersion:
         So while a model that is not very slow runs on threads, one call now and
         then is made on the loop instead (after 1 s, then backing off to a
         minute while it stays slow), and its time replaces the history.
+        ``timed_out``: the call was cut at its budget, so it surely was slow.
         """
         if self.call_seconds_ewma == 0:
             self.call_seconds_ewma = seconds
@@ -169,7 +170,8 @@ class ServedVersion:
         # One call that took long because the worker was descheduled (two workers and a load
         # generator on two cores) must not move a 10 µs model to threads: a sample counts for at
         # most ten times the typical time plus 1 ms, so only sustained slowness crosses 2 ms.
-        seconds = min(seconds, 10 * self.call_seconds_ewma + 0.001)
+        if not timed_out:
+            seconds = min(seconds, 10 * self.call_seconds_ewma + 0.001)
         self.call_seconds_ewma = 0.9 * self.call_seconds_ewma + 0.1 * seconds
         if was_fast and self.call_seconds_ewma >= INLINE_CALL_SECONDS:
             self.probe_interval = MIN_PROBE_SECONDS

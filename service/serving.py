@@ -451,7 +451,7 @@ class ModelServer:
                 predictions, seconds = await loop.run_in_executor(
                     self._executor, _timed_predict, served.predictor, batch, budget)
         except ModelTimeout:
-            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline)
+            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline, True)
             return None, "timeout"
         except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
             self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size, inline)
@@ -463,8 +463,9 @@ class ModelServer:
             served.metrics.record_call(seconds, batch.size)
         return predictions, None
 
-    def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int, inline: bool) -> None:
-        served.note_call(seconds, inline, time.perf_counter())
+    def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int, inline: bool,
+                      timed_out: bool = False) -> None:
+        served.note_call(seconds, inline, time.perf_counter(), timed_out)
         if served.metrics is not None:
             served.metrics.record_error(kind)
             served.metrics.record_call(seconds, size)

@@ -233,6 +233,10 @@ def test_calls_leave_the_event_loop_when_slow_and_come_back_when_fast() -> None:
     assert call(0.0, 0.00001)
     assert call(0.001, 0.05) and call(0.002, 0.00001) and call(0.003, 0.05)  # hiccups: it stays on the loop
     assert served.calls_inline(0.004)
+    timed_out = served_version()
+    timed_out.note_call(0.00001, now=0.0)
+    timed_out.note_call(0.2, inline=True, now=0.1, timed_out=True)  # cut at its budget: surely slow
+    assert not timed_out.calls_inline(0.2)
     t = 0.0
     while call(t, 0.02):  # the model turns slow: once its typical time passes 2 ms, calls go to threads
         t += 0.01
