@@ -54,7 +54,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from monitoring.jobfiles import LATEST_FILE, atomic_write, read_latest_result, run_dir, version_dir, write_text_atomic
+from monitoring.jobfiles import (
+    LATEST_FILE,
+    TooFewRows,
+    atomic_write,
+    read_latest_result,
+    run_dir,
+    version_dir,
+    write_text_atomic,
+)
 from monitoring.predlog import read_log, segment_files
 from service.errors import ModelNotFound
 from service.registry import PREDICTION_COLUMN, REFERENCE_FILE, SCORE_COLUMN, FeatureSpec, ModelCard, Registry
@@ -97,20 +105,12 @@ class DriftConfigError(DriftError):
     """The job was asked for something that does not exist or cannot work (stat test, feature, window)."""
 
 
-class NotEnoughRows(DriftError):
+class NotEnoughRows(TooFewRows, DriftError):
     """The window holds fewer logged rows than the job needs for a verdict."""
 
     def __init__(self, model: str, version: str, rows: int, min_rows: int,
                  since: datetime | None, until: datetime) -> None:
-        window = f"{since.isoformat() if since else 'the start of the log'} to {until.isoformat()}"
-        super().__init__(f"{model}:{version} has {rows} logged row(s) from {window}; "
-                         f"at least {min_rows} are needed for a drift verdict")
-        self.model = model
-        self.version = version
-        self.rows = rows
-        self.min_rows = min_rows
-        self.since = since
-        self.until = until
+        super().__init__(model, version, rows, min_rows, since, until, "logged row(s)", "drift")
 
 
 # ----------------------------------------------------------------------------- result

@@ -21,6 +21,25 @@ LATEST_FILE = "latest.json"
 R = TypeVar("R", bound=BaseModel)
 
 
+class TooFewRows(Exception):
+    """A batch job's window holds fewer rows than it needs for a verdict (the CLI exits 4).
+
+    Mixed into each job's own error class, so callers can catch either.
+    """
+
+    def __init__(self, model: str, version: str, rows: int, min_rows: int, since: datetime | None,
+                 until: datetime, what: str, verdict: str, detail: str = "") -> None:
+        window = f"{since.isoformat() if since else 'the start of the log'} to {until.isoformat()}"
+        super().__init__(f"{model}:{version} has {rows} {what} from {window}{detail}; "
+                         f"at least {min_rows} are needed for a {verdict} verdict")
+        self.model = model
+        self.version = version
+        self.rows = rows
+        self.min_rows = min_rows
+        self.since = since
+        self.until = until
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = False) -> None:
     """Write through a temporary file in the same directory and rename it into place.
 

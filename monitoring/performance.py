@@ -72,7 +72,15 @@ from monitoring.drift import (
     default_until,
 )
 from monitoring.feedback import read_feedback
-from monitoring.jobfiles import LATEST_FILE, atomic_write, read_latest_result, run_dir, version_dir, write_text_atomic
+from monitoring.jobfiles import (
+    LATEST_FILE,
+    TooFewRows,
+    atomic_write,
+    read_latest_result,
+    run_dir,
+    version_dir,
+    write_text_atomic,
+)
 from monitoring.predlog import read_log
 from service.registry import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard, Registry
 
@@ -128,21 +136,14 @@ class PerformanceConfigError(PerformanceError):
     """The job was asked for something that cannot work (window, tolerance)."""
 
 
-class NotEnoughFeedback(PerformanceError):
+class NotEnoughFeedback(TooFewRows, PerformanceError):
     """The window holds fewer predictions with feedback (answered by the model) than the job needs."""
 
     def __init__(self, model: str, version: str, rows: int, min_rows: int, since: datetime | None,
                  until: datetime, fallback: int = 0) -> None:
-        window = f"{since.isoformat() if since else 'the start of the log'} to {until.isoformat()}"
         excluded = f" ({fallback} more answered by the fallback, which do not count)" if fallback else ""
-        super().__init__(f"{model}:{version} has {rows} prediction(s) with feedback from {window}{excluded}; "
-                         f"at least {min_rows} are needed for a quality verdict")
-        self.model = model
-        self.version = version
-        self.rows = rows
-        self.min_rows = min_rows
-        self.since = since
-        self.until = until
+        super().__init__(model, version, rows, min_rows, since, until, "prediction(s) with feedback", "quality",
+                         excluded)
         self.fallback = fallback
 
 

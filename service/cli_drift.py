@@ -106,6 +106,29 @@ def parse_stattests(items: list[str]) -> dict[str, dict[str, Any]]:
     return overrides
 
 
+def job_window(since: str | None, last: str | None, until: str | None, default_last: str) -> tuple[datetime, datetime]:
+    """(since, until) of a job's window: ``--since``, or ``--last`` (else ``default_last``) back from ``--until``.
+
+    ``--until`` defaults to a minute ago, so rows the service still buffers are not half-counted.
+    """
+    from monitoring.drift import default_until
+
+    if since is not None and last is not None:
+        _fail("give either --since or --last, not both", EXIT_USAGE)
+    until_time = parse_time(until, "--until") or default_until()
+    since_time = parse_time(since, "--since")
+    if since_time is None:
+        since_time = until_time - parse_duration(last or default_last, "--last")
+    return since_time, until_time
+
+
+def window_lines(result: Any) -> list[str]:
+    """The closing lines of a job summary: the window it judged and where its report is."""
+    since = result.window.since.isoformat() if result.window.since else "start of the log"
+    return [f"  window: {since} to {result.window.until.isoformat()} ({result.duration_seconds:.1f}s)",
+            f"  report: {result.report_html}"]
+
+
 @contextmanager
 def _progress() -> Iterator[Callable[[str], None] | None]:
     """A rich progress bar over the job's stages on a terminal; nothing when output goes to a file or pipe."""
@@ -164,9 +187,7 @@ def summary(result: DriftResult) -> str:
     sampled = f" ({rows.current_sampling} sample)" if rows.current_sampling != "none" else ""
     lines.append(f"  rows: {rows.current:,} of {rows.window:,} in the window{sampled} vs {rows.reference:,} "
                  f"reference rows")
-    since = result.window.since.isoformat() if result.window.since else "start of the log"
-    lines.append(f"  window: {since} to {result.window.until.isoformat()} ({result.duration_seconds:.1f}s)")
-    lines.append(f"  report: {result.report_html}")
+    lines.extend(window_lines(result))
     return "\n".join(lines)
 
 
@@ -207,14 +228,9 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
 ) -> None:
     """Compare a window of the prediction log with the model version's reference data (Evidently)."""
-    from monitoring.drift import DriftConfigError, DriftError, NotEnoughRows, default_until, run_drift
+    from monitoring.drift import DriftConfigError, DriftError, NotEnoughRows, run_drift
 
-    if since is not None and last is not None:
-        _fail("give either --since or --last, not both", EXIT_USAGE)
-    until_time = parse_time(until, "--until") or default_until()
-    since_time = parse_time(since, "--since")
-    if since_time is None:
-        since_time = until_time - parse_duration(last or DEFAULT_LAST, "--last")
+    since_time, until_time = job_window(since, last, until, DEFAULT_LAST)
     data_root = data_dir_root(data_dir)
     try:
         with _progress() as progress:

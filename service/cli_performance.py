@@ -9,7 +9,6 @@ version), 1 anything else.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -24,8 +23,8 @@ from service.cli_drift import (
     _fail,
     _progress,
     data_dir_root,
-    parse_duration,
-    parse_time,
+    job_window,
+    window_lines,
 )
 from service.errors import ModelNotFound, VigilError
 
@@ -44,19 +43,6 @@ performance_app = typer.Typer(help="Model quality on ground truth: feedback join
 def _performance_group() -> None:
     """Model quality on ground truth: feedback joined to the prediction log."""
     # A callback keeps `run` a subcommand even while it is the group's only command.
-
-
-def window(since: str | None, last: str | None, until: str | None) -> tuple[datetime, datetime]:
-    """(since, until) from the options: ``--since`` or ``--last`` (default :data:`DEFAULT_LAST`) back from ``--until``."""
-    from monitoring.drift import default_until
-
-    if since is not None and last is not None:
-        _fail("give either --since or --last, not both", EXIT_USAGE)
-    until_time = parse_time(until, "--until") or default_until()
-    since_time = parse_time(since, "--since")
-    if since_time is None:
-        since_time = until_time - parse_duration(last or DEFAULT_LAST, "--last")
-    return since_time, until_time
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -86,9 +72,7 @@ def summary(result: PerformanceResult) -> str:
     rows = result.rows
     lines.append(f"  rows: {rows.evaluated:,} evaluated, {rows.fallback:,} fallback, {rows.with_feedback:,} of "
                  f"{rows.logged:,} logged predictions have feedback ({rows.feedback_coverage:.0%})")
-    since = result.window.since.isoformat() if result.window.since else "start of the log"
-    lines.append(f"  window: {since} to {result.window.until.isoformat()} ({result.duration_seconds:.1f}s)")
-    lines.append(f"  report: {result.report_html}")
+    lines.extend(window_lines(result))
     return "\n".join(lines)
 
 
@@ -126,7 +110,7 @@ def run(
         run_performance,
     )
 
-    since_time, until_time = window(since, last, until)
+    since_time, until_time = job_window(since, last, until, DEFAULT_LAST)
     try:
         # The job has as many stages as the drift job, whose progress bar it shares.
         with _progress() as progress:

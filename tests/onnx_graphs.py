@@ -104,11 +104,15 @@ def slow_regressor(path: Path, iterations_per_unit: int = 1_000_000) -> Path:
 
 
 def small_reference(path: Path, rows: int = 60, x0: tuple[float, float] = (0.0, 1.0),
-                    x1: tuple[float, float] = (0.0, 1.0), target_of: str = "sum") -> Path:
-    """Reference data with features ``x0``, ``x1`` drawn uniformly from the given ranges, and a target."""
+                    x1: tuple[float, float] = (0.0, 1.0), target_of: str = "sum", null_x1: int = 0) -> Path:
+    """Reference data with features ``x0``, ``x1`` drawn uniformly from the given ranges, and a target.
+
+    ``null_x1`` rows have no ``x1`` (which makes the feature nullable in the card); their target is kept.
+    """
     rng = np.random.default_rng(5)
     frame = pd.DataFrame({"x0": rng.uniform(*x0, rows), "x1": rng.uniform(*x1, rows)})
     frame["target"] = np.sqrt(frame["x0"]) + frame["x1"] if target_of == "sqrt" else frame["x0"] + frame["x1"]
+    frame.loc[: null_x1 - 1, "x1"] = np.nan
     frame.to_parquet(path, index=False)
     return path
 

@@ -33,6 +33,8 @@ def registry(example_registry: Path, tmp_path_factory: pytest.TempPathFactory) -
     shutil.copytree(example_registry, root)
     register_model("sqrt", sqrt_regressor(work / "sqrt.onnx"), small_reference(work / "sqrt.parquet", target_of="sqrt"),
                    target="target", registry=root)
+    register_model("gappy", sqrt_regressor(work / "gappy.onnx"),
+                   small_reference(work / "gappy.parquet", target_of="sqrt", null_x1=6), target="target", registry=root)
     register_model("absurd", absurd_regressor(work / "absurd.onnx"), small_reference(work / "absurd.parquet"),
                    target="target", registry=root)
     register_model("lookup", index_lookup_regressor(work / "lookup.onnx"),
@@ -74,6 +76,19 @@ def test_nan_output_for_one_instance_is_answered_by_the_fallback(server: VigilSe
     text = server.metrics_text()
     assert metric_value(text, "vigil_fallback_total", model="sqrt", reason="invalid_output") == 1
     assert metric_value(text, "vigil_prediction_out_of_range_total", model="sqrt") == 1
+
+
+def test_null_the_model_cannot_take_is_answered_by_the_fallback(server: VigilServer, registry: Path) -> None:
+    card = yaml.safe_load((registry / "gappy" / "1" / "card.yaml").read_text())
+    assert {f["name"]: f.get("nullable") for f in card["features"]}["x1"] is True
+    answers = predict(server, "gappy", [{"x0": 0.25, "x1": 0.5}, {"x0": 0.25, "x1": None}, {"x0": 0.25}])
+    assert answers[0]["variant"] == "stable" and answers[0]["value"] == pytest.approx(1.0)
+    assert [a.get("reason") for a in answers[1:]] == ["missing_input", "missing_input"]
+    assert answers[1]["value"] == pytest.approx(card["fallback"]["value"])
+    text = server.metrics_text()
+    assert metric_value(text, "vigil_fallback_total", model="gappy", reason="missing_input") == 2
+    assert metric_value(text, "vigil_input_missing_total", model="gappy", feature="x1") == 2
+    assert metric_value(text, "vigil_predictions_total", model="gappy", variant="stable") == 1
 
 
 def test_absurd_values_are_refused(server: VigilServer) -> None:
