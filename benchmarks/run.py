@@ -91,6 +91,7 @@ class Config:
     ready_timeout: float
     wait_quiet: float
     overhead_rounds: int
+    overhead_seconds: int
     vigil_root: Path
     vigil_commit: str | None
     registry: Path | None
@@ -133,7 +134,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--overhead-rounds", type=int, metavar="N",
                         help="rounds of the interleaved monitoring-overhead measurement: vigil and vigil-nometrics "
                              "run at once and are loaded in turn, N times each per request size at 16 "
-                             "connections (default 4, quick 0; 0 skips it)")
+                             "connections (default 10, quick 0; 0 skips it)")
+    parser.add_argument("--overhead-seconds", type=int, metavar="S",
+                        help="seconds measured per cell of those rounds (default 4: many short rounds average "
+                             "this machine's drifts better than a few long ones)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each server, wait up to this long for other jobs to leave the CPU (default 0)")
     which = parser.add_mutually_exclusive_group()
@@ -159,7 +163,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         wrk_threads=args.wrk_threads,
         ready_timeout=args.ready_timeout,
         wait_quiet=args.wait_quiet,
-        overhead_rounds=max(0, args.overhead_rounds if args.overhead_rounds is not None else (0 if quick else 4)),
+        overhead_rounds=max(0, args.overhead_rounds if args.overhead_rounds is not None else (0 if quick else 10)),
+        overhead_seconds=max(1, args.overhead_seconds or 4),
         vigil_root=args.vigil_root.resolve(),
         vigil_commit=args.vigil_commit,
         registry=args.registry,
@@ -650,8 +655,9 @@ def measure_cell(spec: ServerSpec, url: str, server: psutil.Process, instances: 
     """Warm up, then load ``url`` for one cell and measure it (throughput, latency, server CPU)."""
     if config.warmup > 0:
         run_wrk(wrk, url, scripts[instances], connections, config.warmup, config.wrk_threads)
+    seconds = config.duration if round_ is None else config.overhead_seconds
     with cpu_use(server) as cpu:
-        result = run_wrk(wrk, url, scripts[instances], connections, config.duration, config.wrk_threads)
+        result = run_wrk(wrk, url, scripts[instances], connections, seconds, config.wrk_threads)
     cell = Cell(
         target=spec.target, workers=spec.workers, instances=instances, connections=connections,
         requests_per_s=result.requests_per_s, rows_per_s=result.requests_per_s * instances,
@@ -911,7 +917,8 @@ def render_markdown(meta: dict[str, Any], grid: Grid, measured: Measurements, ch
         lines += [f"**{failure['target']} ({failure['workers']} workers) could not be measured:** {first_line}", ""]
     if measured.overhead:
         lines += [f"**Monitoring overhead, interleaved: vigil and vigil-nometrics up at once, loaded in turn at "
-                  f"{OVERHEAD_CONNECTIONS} connections (req/s, server CPU ms/request)**", ""]
+                  f"{OVERHEAD_CONNECTIONS} connections, {meta['config'].get('overhead_seconds', '?')} s per cell "
+                  f"(req/s, server CPU ms/request)**", ""]
         lines += overhead_table(measured.overhead) + [""]
     if checks:
         lines += ["**Issue targets**", ""] + checks_table(checks) + [""]

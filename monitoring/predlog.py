@@ -132,10 +132,16 @@ class PredictionLog:
 
     # ------------------------------------------------------------------ request path
 
+    def sampled(self, rate: float | None = None) -> bool:
+        """Whether to log the next request: drawn at ``rate`` (a model's own), else at the log's ``sample_rate``.
+
+        Requests are sampled whole, so every logged request keeps all its instances.
+        """
+        share = self.sample_rate if rate is None else rate
+        return share >= 1.0 or random.random() < share
+
     def append(self, record: LoggedRequest) -> bool:
-        """Queue one request's rows; returns False when they were dropped (buffer full or not sampled)."""
-        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
-            return False
+        """Queue one request's rows; returns False when they were dropped (the buffer is full)."""
         rows = record.size
         with self._lock:
             if self._buffered_rows + rows > self.max_buffer_rows:

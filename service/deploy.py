@@ -99,6 +99,11 @@ class ModelPolicy(BaseModel):
     output_range_margin: float = Field(0.25, ge=0)
     """Regression outputs beyond the reference range widened by this share of its span are invalid."""
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    log_sample_rate: float | None = Field(None, ge=0, le=1)
+    """Share of this model's requests written to the prediction log (default: ``VIGIL_PREDLOG_SAMPLE_RATE``).
+
+    Drift jobs see only logged requests, and feedback can only be joined to them.
+    """
 
     @model_validator(mode="after")
     def _canary_differs(self) -> ModelPolicy:

@@ -376,7 +376,7 @@ class ModelServer:
             served.metrics.record_inputs(quality.missing, quality.out_of_range)
         outcome = await self._answer(entry, served, batch)
         items = _items(served, outcome)
-        if self.predlog is not None:
+        if self.predlog is not None and self.predlog.sampled(entry.policy.log_sample_rate):
             self.predlog.append(_log_record(served, request, request_id, batch, outcome))
         seconds = time.perf_counter() - started
         if served.metrics is not None:

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     """Rows buffered per worker before new rows are dropped (and counted) instead of blocking."""
 
     predlog_sample_rate: float = Field(1.0, ge=0, le=1)
-    """Share of requests logged (all instances of a sampled request are logged)."""
+    """Share of requests logged (whole requests), for models whose deploy policy sets no ``log_sample_rate``."""
 
     pii_salt: str | None = None
     """Secret salt for hashing features marked ``pii: hash``; without it they are dropped."""

@@ -19,7 +19,7 @@ from tests.onnx_graphs import (
     small_reference,
     sqrt_regressor,
 )
-from tests.servers import VigilServer, metric_value, vigil_server
+from tests.servers import VigilServer, metric_value, vigil_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +52,7 @@ def server(registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "absurd": {"breaker": FAST_BREAKER},
         "lookup": {"breaker": FAST_BREAKER},
         "slow": {"timeout_ms": 300},
+        "gappy": {"log_sample_rate": 0.0},
     }}))
     with vigil_server(registry, env={"VIGIL_DEPLOY": str(deploy)}) as srv:
         yield srv
@@ -89,6 +90,16 @@ def test_null_the_model_cannot_take_is_answered_by_the_fallback(server: VigilSer
     assert metric_value(text, "vigil_fallback_total", model="gappy", reason="missing_input") == 2
     assert metric_value(text, "vigil_input_missing_total", model="gappy", feature="x1") == 2
     assert metric_value(text, "vigil_predictions_total", model="gappy", variant="stable") == 1
+
+
+def test_a_model_sampled_at_zero_answers_but_is_not_logged(server: VigilServer) -> None:
+    from monitoring.predlog import read_log
+
+    served = server.post("/predict", json={"model": "sqrt", "instances": [{"x0": 0.04, "x1": 0.1}]}).json()
+    unlogged = server.post("/predict", json={"model": "gappy", "instances": [{"x0": 0.04, "x1": 0.1}]})
+    assert unlogged.status_code == 200
+    wait_for(lambda: served["request_id"] in set(read_log(server.home / "var", "sqrt")["request_id"]))
+    assert read_log(server.home / "var", "gappy").empty  # nothing of it, ever, though it answered
 
 
 def test_absurd_values_are_refused(server: VigilServer) -> None:

@@ -139,6 +139,7 @@ def test_invalid_rows_use_the_widened_reference_range(cards: dict[str, ModelCard
         ("models:\n  cancer:\n    canary: {version: '2', traffic: 1.5}\n", "models.cancer.canary.traffic"),
         ("models:\n  cancer:\n    on_drift: panic\n", "models.cancer.on_drift"),
         ("models:\n  cancer:\n    timeout_ms: 0\n", "models.cancer.timeout_ms"),
+        ("models:\n  cancer:\n    log_sample_rate: 2\n", "models.cancer.log_sample_rate"),
         ("models:\n  cancer:\n    colour: red\n", "models.cancer.colour"),
         ("models:\n  cancer:\n    breaker: {min_calls: 50, window: 10}\n", "models.cancer.breaker"),
         ("models: [1, 2]\n", "models"),

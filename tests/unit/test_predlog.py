@@ -108,15 +108,18 @@ def test_sampling_keeps_whole_requests_at_the_configured_share(tmp_path: Path) -
     random.seed(11)
     c = card()
     log = PredictionLog(tmp_path, worker="1", sample_rate=0.25)
-    kept = sum(log.append(request(c, f"r{i}", 3)) for i in range(2000))
+    kept = 0
+    for i in range(2000):
+        if log.sampled():
+            kept += log.append(request(c, f"r{i}", 3))
     assert abs(kept - 500) < 4 * (2000 * 0.25 * 0.75) ** 0.5  # within 4 sigma of the share
     assert log.flush() == 3 * kept
     rows_per_request = read_log(tmp_path, "churn").groupby("request_id").size()
     assert len(rows_per_request) == kept and set(rows_per_request) == {3}  # all instances or none
-    nothing = PredictionLog(tmp_path / "none", worker="1", sample_rate=0.0)
-    assert not any(nothing.append(request(c, f"n{i}", 1)) for i in range(200))
-    everything = PredictionLog(tmp_path / "all", worker="1", sample_rate=1.0)
-    assert all(everything.append(request(c, f"a{i}", 1)) for i in range(200))
+    # A model's own rate overrides the log's, both ways.
+    assert not any(log.sampled(0.0) for _ in range(200))
+    assert all(PredictionLog(tmp_path, worker="2", sample_rate=0.0).sampled(1.0) for _ in range(200))
+    assert abs(sum(log.sampled(0.75) for _ in range(2000)) - 1500) < 4 * (2000 * 0.25 * 0.75) ** 0.5
 
 
 def test_write_failure_is_counted_and_never_raises(tmp_path: Path) -> None:
