@@ -43,6 +43,9 @@ def registry(example_registry: Path, trained_examples: dict[str, Path], tmp_path
                              ("5", {"delay_iterations": 20000})]:
         model = modified_regressor(src, work / f"v{version}.onnx", **changes)
         register_model("diabetes", model, reference, target="target", registry=root, version=version)
+    # A second model with a canary of its own: the same classifier again, healthy by construction.
+    register_model("cancer", trained_examples["cancer"] / "model.onnx", trained_examples["cancer"] / "reference.parquet",
+                   target="target", registry=root, version="2")
     return root
 
 
@@ -259,3 +262,35 @@ def test_canary_with_worse_ground_truth_is_rolled_back_on_quality(server_factory
         listed = {m["name"]: m for m in server.get("/models").json()["models"]}["diabetes"]
         assert listed["last_rollback"]["reason"] == "quality"
         assert listed["last_rollback"]["figures"]["canary"]["labelled"] >= 30
+
+
+def test_each_model_has_its_own_canary_and_rollback(server_factory: Any, deploy: Path, rows: list[dict[str, Any]],
+                                                    registry: Path) -> None:
+    cancer_rows = pd.read_parquet(registry / "cancer" / "1" / "reference.parquet").drop(
+        columns=["target", "prediction", "prediction_score"], errors="ignore").to_dict(orient="records")
+    canary = {"traffic": 0.5, "sticky": False, "rollback_when": RULES}
+    deploy.write_text(yaml.safe_dump({"models": {
+        "diabetes": {"stable": "1", "canary": dict(canary, version="3")},  # shifted: must be rolled back
+        "cancer": {"stable": "1", "canary": dict(canary, version="2")},  # the same model again: must stay
+    }}))
+    with server_factory() as server:
+        for _ in range(6):
+            send(server, rows, 50)
+            for i in range(50):
+                response = server.post("/predict", json={"model": "cancer", "instances": [cancer_rows[i]]})
+                assert response.status_code == 200, response.text
+            if canary_of(server).get("traffic") == 0:
+                break
+            time.sleep(0.3)
+        wait_for(lambda: canary_of(server).get("traffic") == 0)
+        listed = {m["name"]: m for m in server.get("/models").json()["models"]}
+        assert listed["diabetes"]["last_rollback"]["version"] == "3"
+        assert listed["cancer"]["canary"]["version"] == "2" and listed["cancer"]["canary"]["traffic"] == 0.5
+        assert listed["cancer"]["canary"]["comparison"]["canary"]["requests"] >= RULES["min_requests"]
+        assert not listed["cancer"].get("last_rollback")
+        versions = {server.post("/predict", json={"model": "cancer", "instances": [cancer_rows[i]]}
+                                ).json()["predictions"][0]["version"] for i in range(40)}
+        assert versions == {"1", "2"}  # cancer still splits while diabetes is back on stable
+        text = server.metrics_text()
+        assert metric_value(text, "vigil_rollbacks_total", model="diabetes") == 1
+        assert metric_value(text, "vigil_rollbacks_total", model="cancer") in (None, 0)
