@@ -12,7 +12,10 @@ once per model version, and the request path's children are *deferred*: a
 request adds to numbers in the worker's memory, which are written to the real
 children at most ``FLUSH_SECONDS`` later (by the request path of a busy worker,
 by a background thread for an idle one, and first by the worker answering
-``/metrics``), so recording costs no lock, syscall or file write.
+``/metrics``), so recording costs no lock, syscall or file write. A model
+call's duration, batch size and outputs are not even counted per request: they
+are queued as they are and counted with numpy for all requests at once when the
+worker flushes.
 
 Under BentoML every worker writes its own files in ``PROMETHEUS_MULTIPROC_DIR``
 and ``/metrics`` merges them: counters and histograms sum across workers; each
@@ -28,6 +31,7 @@ import re
 import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -39,10 +43,10 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-SMALL_BATCH = 8
-"""Up to this many rows, per-row Python is cheaper than numpy's fixed per-call cost."""
 FLUSH_SECONDS = 0.1
 """How often a busy worker writes its deferred metric values to the shared files (see :class:`DeferredCounter`)."""
+QUEUE_LIMIT = 4096
+"""Queued model calls or outputs at which the request path flushes itself (a flush that never came)."""
 IDLE_FLUSH_SECONDS = 0.5
 """How often the background thread flushes when no request has (an idle worker's last numbers)."""
 PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -199,6 +203,7 @@ class VigilMetrics:
         self.registry = registry
         r = registry
         self._deferred: dict[tuple[int, tuple[str, ...]], Deferred] = {}
+        self._bound: dict[tuple[str, str, str, str], BoundModelMetrics] = {}
         self._flush_lock = threading.Lock()
         self._flushing = threading.Event()
         self._flushed_at = 0.0
@@ -399,6 +404,8 @@ class VigilMetrics:
         """
         with self._flush_lock:
             self._flushed_at = time.perf_counter()
+            for bound in list(self._bound.values()):
+                bound.count_queued()
             for child in list(self._deferred.values()):
                 child.flush()
 
@@ -432,7 +439,13 @@ class VigilMetrics:
 
     def bind(self, card: ModelCard, variant: str) -> BoundModelMetrics:
         """Children for one model version and variant, bound once and reused by every request."""
-        return BoundModelMetrics(self, card, variant)
+        key = (card.name, card.version, card.sha256, variant)
+        bound = self._bound.get(key)
+        if bound is None:
+            made = BoundModelMetrics(self, card, variant)  # binds children, which takes the lock itself
+            with self._flush_lock:  # a flush iterates over the bound recorders
+                bound = self._bound.setdefault(key, made)
+        return bound
 
     def rejected(self, model: str, reason: str) -> None:
         """Count a request refused by validation (``model`` must be a registered name or ``unknown``)."""
@@ -529,10 +542,24 @@ class _MergedFamily:
             yield merged
 
 
+def _drain(queue: deque[Any]) -> list[Any]:
+    """Everything in ``queue``, taken from the left until it is empty (safe against appends meanwhile)."""
+    items = []
+    take = queue.popleft
+    try:
+        while True:
+            items.append(take())
+    except IndexError:
+        return items
+
+
 class BoundModelMetrics:
     """Deferred children for one (model, version, variant), bound once: the request path's recorder.
 
     Call it from the worker's event loop only (see :class:`DeferredCounter`).
+    :meth:`record_call` and :meth:`record_predictions` only queue what they are
+    given; :meth:`count_queued` counts the queue into the children when the
+    worker flushes, one numpy pass for every request since the last flush.
     """
 
     def __init__(self, metrics: VigilMetrics, card: ModelCard, variant: str) -> None:
@@ -551,6 +578,8 @@ class BoundModelMetrics:
                         for label in (card.labels or [])]
         self._missing = {f.name: metrics.counter(metrics.input_missing, name, f.name) for f in card.features}
         self._input_oor = {f.name: metrics.counter(metrics.input_out_of_range, name, f.name) for f in card.features}
+        self._calls: deque[tuple[float, int]] = deque()
+        self._outputs: deque[Predictions] = deque()
         self._errors: dict[str, DeferredCounter] = {}
         self._fallback: dict[str, DeferredCounter] = {}
         self._version = version
@@ -563,48 +592,42 @@ class BoundModelMetrics:
             self._input_oor[feature].inc(count)
 
     def record_call(self, seconds: float, size: int) -> None:
-        """One model call: its duration and its batch size."""
-        self.inference_duration.observe(seconds)
-        self.batch_size.observe(size)
+        """One model call: its duration and its batch size (counted at the next flush)."""
+        self._calls.append((seconds, size))
 
     def record_predictions(self, predictions: Predictions) -> None:
-        """Count answered instances and their class or value distribution (finite outputs only)."""
-        if len(predictions.values if predictions.values is not None else predictions.labels or ()) <= SMALL_BATCH:
-            self._record_few(predictions)
-            return
-        if predictions.values is not None:
-            values = predictions.values
-            n = len(values)
-            self.prediction_value.observe_many(values[np.isfinite(values)])
-        else:
-            assert predictions.labels is not None and predictions.probabilities is not None
-            probs = predictions.probabilities
-            n = len(predictions.labels)
+        """Answered instances, by class or value (counted at the next flush; finite outputs only)."""
+        self._outputs.append(predictions)
+        if len(self._outputs) >= QUEUE_LIMIT:
+            self.metrics.flush()
+
+    def count_queued(self) -> None:
+        """Count every queued call and output into the children; called by the flush, under its lock.
+
+        The flushers are the only writers of these children, and ``popleft``
+        never loses an item the event loop appends meanwhile.
+        """
+        calls = _drain(self._calls)
+        if calls:
+            figures = np.array(calls, dtype=np.float64)
+            self.inference_duration.observe_many(figures[:, 0])
+            self.batch_size.observe_many(figures[:, 1])
+        outputs = _drain(self._outputs)
+        values = [p.values for p in outputs if p.values is not None]
+        if values:
+            joined = np.concatenate(values)
+            self.prediction_value.observe_many(joined[np.isfinite(joined)])
+            self.predictions.inc(len(joined))
+        probabilities = [p.probabilities for p in outputs if p.values is None and p.probabilities is not None]
+        if probabilities:
+            probs = np.concatenate(probabilities)
             finite_rows = np.isfinite(probs).all(axis=1)
             counts = np.bincount(probs.argmax(axis=1)[finite_rows], minlength=len(self.classes))
             for index in np.flatnonzero(counts).tolist():
                 self.classes[index].inc(int(counts[index]))
             if self.binary:
                 self.prediction_value.observe_many(probs[finite_rows, 1])
-        self.predictions.inc(n)
-
-    def _record_few(self, predictions: Predictions) -> None:
-        # A few rows: plain Python beats numpy, whose per-call overhead dominates tiny arrays.
-        if predictions.values is not None:
-            values = predictions.values.tolist()
-            for value in values:
-                if math.isfinite(value):
-                    self.prediction_value.observe(value)
-            self.predictions.inc(len(values))
-            return
-        assert predictions.probabilities is not None
-        rows = predictions.probabilities.tolist()
-        for row in rows:
-            if math.isfinite(sum(row)):  # NaN or ±inf anywhere makes the sum non-finite
-                self.classes[row.index(max(row))].inc()  # the first maximum, as numpy's argmax
-                if self.binary:
-                    self.prediction_value.observe(row[1])
-        self.predictions.inc(len(rows))
+            self.predictions.inc(len(probs))
 
     def record_invalid_outputs(self, count: int) -> None:
         """Count model outputs that were non-finite or outside the allowed range."""

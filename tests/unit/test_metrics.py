@@ -142,6 +142,35 @@ def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
     assert registry.get_sample_value("c_total") == 200_000
 
 
+def test_queued_outputs_are_counted_exactly_while_another_thread_flushes(cards: dict[str, ModelCard]) -> None:
+    registry = CollectorRegistry()
+    metrics = VigilMetrics(registry)
+    bound = metrics.bind(cards["cancer"], "stable")
+    assert metrics.bind(cards["cancer"], "stable") is bound  # one recorder (and one queue) per version
+    one = Predictions(labels=[1], probabilities=np.array([[0.25, 0.75]]))
+    two = Predictions(labels=[0, 1], probabilities=np.array([[0.9, 0.1], [0.4, 0.6]]))
+    done = threading.Event()
+
+    def flush_repeatedly() -> None:
+        while not done.is_set():
+            metrics.flush()
+
+    flusher = threading.Thread(target=flush_repeatedly)
+    flusher.start()
+    for i in range(30_000):  # more than QUEUE_LIMIT between some flushes, and one flush racing each append
+        bound.record_predictions(one if i % 3 else two)
+        bound.record_call(0.001, 1 if i % 3 else 2)
+    done.set()
+    flusher.join()
+    labels = {"model": "cancer", "version": "1", "variant": "stable"}
+    assert value(registry, "vigil_predictions_total", **labels) == 40_000
+    assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "1"}) == 30_000
+    assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "0"}) == 10_000
+    assert value(registry, "vigil_prediction_value_count", **labels) == 40_000
+    assert value(registry, "vigil_inference_duration_seconds_count", **labels) == 30_000
+    assert value(registry, "vigil_batch_size_sum", model="cancer", version="1") == 40_000
+
+
 def test_inputs_calls_errors_and_rejections(metrics: VigilMetrics, registry: CollectorRegistry,
                                             cards: dict[str, ModelCard]) -> None:
     bound = metrics.bind(cards["cancer"], "stable")
