@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,24 @@ def cards(example_registry: Path) -> dict[str, ModelCard]:
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
+
+
+@contextmanager
+def flushing_meanwhile(metrics: VigilMetrics) -> Iterator[None]:
+    """Flush ``metrics`` from another thread, as fast as it can, while the block records."""
+    done = threading.Event()
+
+    def flush_repeatedly() -> None:
+        while not done.is_set():
+            metrics.flush()
+
+    flusher = threading.Thread(target=flush_repeatedly)
+    flusher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        flusher.join()
 
 
 def test_classifier_predictions_count_classes_and_scores(metrics: VigilMetrics, registry: CollectorRegistry,
@@ -126,18 +146,9 @@ def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
     counter = Counter("c", "c", registry=registry)
     metrics = VigilMetrics(registry=None)
     deferred = metrics.counter(counter)
-    done = threading.Event()
-
-    def flush_repeatedly() -> None:
-        while not done.is_set():
-            metrics.flush()
-
-    flusher = threading.Thread(target=flush_repeatedly)
-    flusher.start()
-    for _ in range(200_000):
-        deferred.inc()
-    done.set()
-    flusher.join()
+    with flushing_meanwhile(metrics):
+        for _ in range(200_000):
+            deferred.inc()
     metrics.flush()
     assert registry.get_sample_value("c_total") == 200_000
 
@@ -149,19 +160,10 @@ def test_queued_outputs_are_counted_exactly_while_another_thread_flushes(cards: 
     assert metrics.bind(cards["cancer"], "stable") is bound  # one recorder (and one queue) per version
     one = Predictions(labels=[1], probabilities=np.array([[0.25, 0.75]]))
     two = Predictions(labels=[0, 1], probabilities=np.array([[0.9, 0.1], [0.4, 0.6]]))
-    done = threading.Event()
-
-    def flush_repeatedly() -> None:
-        while not done.is_set():
-            metrics.flush()
-
-    flusher = threading.Thread(target=flush_repeatedly)
-    flusher.start()
-    for i in range(30_000):  # more than QUEUE_LIMIT between some flushes, and one flush racing each append
-        bound.record_predictions(one if i % 3 else two)
-        bound.record_call(0.001, 1 if i % 3 else 2)
-    done.set()
-    flusher.join()
+    with flushing_meanwhile(metrics):
+        for i in range(30_000):  # more than QUEUE_LIMIT between some flushes, and flushes racing the appends
+            bound.record_predictions(one if i % 3 else two)
+            bound.record_call(0.001, 1 if i % 3 else 2)
     labels = {"model": "cancer", "version": "1", "variant": "stable"}
     assert value(registry, "vigil_predictions_total", **labels) == 40_000
     assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "1"}) == 30_000
