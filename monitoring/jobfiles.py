@@ -3,7 +3,10 @@
 Each job writes ``<data_dir>/<job>/<model>/<version>/<UTC timestamp>/`` (the
 report and ``result.json``) and keeps ``<data_dir>/<job>/<model>/<version>/latest.json``
 current. Every file is written under a temporary name and renamed into place, so
-a reader (the service polls ``latest.json``) never sees half a file.
+a reader (the service polls ``latest.json``) never sees half a file. The
+service's own files (prediction log, feedback, deploy state) use the same
+:func:`atomic_write`; :class:`TooFewRows` is what both jobs raise when a window
+is too thin for a verdict.
 """
 
 from __future__ import annotations

@@ -593,12 +593,15 @@ class BoundModelMetrics:
 
     def record_call(self, seconds: float, size: int) -> None:
         """One model call: its duration and its batch size (counted at the next flush)."""
-        self._calls.append((seconds, size))
+        self._enqueue(self._calls, (seconds, size))
 
     def record_predictions(self, predictions: Predictions) -> None:
         """Answered instances, by class or value (counted at the next flush; finite outputs only)."""
-        self._outputs.append(predictions)
-        if len(self._outputs) >= QUEUE_LIMIT:
+        self._enqueue(self._outputs, predictions)
+
+    def _enqueue(self, queue: deque[Any], item: Any) -> None:
+        queue.append(item)
+        if len(queue) >= QUEUE_LIMIT:
             self.metrics.flush()
 
     def count_queued(self) -> None:

@@ -75,13 +75,6 @@ class EdgeMiddleware:
             return
         endpoint = endpoint_label(path)
         status = 500
-
-        async def recording_send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         recorder = self._recorders.get(endpoint)
         if recorder is None:
             recorder = self._recorders[endpoint] = (metrics.gauge(metrics.http_in_progress, endpoint),
@@ -93,6 +86,12 @@ class EdgeMiddleware:
             if direct:  # the handler's response says its status: no wrapper around send
                 status = await _answer_directly(service, path, scope, receive, send)
             else:
+                async def recording_send(message: dict[str, Any]) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                    await send(message)
+
                 await self.app(scope, receive, recording_send)
         finally:
             in_progress.dec()

@@ -145,8 +145,10 @@ class ServedVersion:
         seconds = self.call_seconds_ewma
         return seconds < INLINE_CALL_SECONDS or (seconds < PROBE_CEILING_SECONDS and now >= self.next_probe)
 
-    def note_call(self, seconds: float, inline: bool = True, now: float = 0.0, timed_out: bool = False) -> None:
+    def note_call(self, seconds: float, now: float, inline: bool = True, timed_out: bool = False) -> None:
         """Track typical call time (it decides whether calls run on the event loop or on a thread).
+
+        ``now`` is ``time.perf_counter()`` when the call started; ``inline``: it ran on the event loop.
 
         A call timed on a thread includes its waits for the interpreter lock
         while the loop is busy (5 ms each): a 10 µs model looked like a 5 ms one

@@ -186,7 +186,7 @@ class ModelServer:
         served.predictor = predictor
         served.load_seconds = predictor.load_seconds
         # A model that is slow from its first call runs on a thread from the first request on.
-        served.note_call(warm_up_seconds, now=time.perf_counter())
+        served.note_call(warm_up_seconds, time.perf_counter())
         if self.metrics is not None:
             self.metrics.model_loaded(card, predictor.load_seconds)
         log.info("model %s:%s loaded in %.3fs", name, version, predictor.load_seconds)
@@ -458,14 +458,14 @@ class ModelServer:
             log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
             return None, "model_error"
-        served.note_call(seconds, inline, started)
+        served.note_call(seconds, started, inline)
         if served.metrics is not None:
             served.metrics.record_call(seconds, batch.size)
         return predictions, None
 
     def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int, inline: bool,
                       timed_out: bool = False) -> None:
-        served.note_call(seconds, inline, time.perf_counter(), timed_out)
+        served.note_call(seconds, time.perf_counter(), inline, timed_out)
         if served.metrics is not None:
             served.metrics.record_error(kind)
             served.metrics.record_call(seconds, size)

@@ -228,7 +228,7 @@ def test_calls_leave_the_event_loop_when_slow_and_come_back_when_fast() -> None:
 
     def call(now: float, seconds: float, seconds_on_thread: float | None = None) -> bool:
         inline = served.calls_inline(now)
-        served.note_call(seconds if inline else (seconds_on_thread or seconds), inline, now)
+        served.note_call(seconds if inline else (seconds_on_thread or seconds), now, inline)
         return inline
 
     assert call(0.0, 0.00001)
