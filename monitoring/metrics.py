@@ -10,7 +10,7 @@ Label values come from bounded sets only (model, version, variant, reason,
 feature, class, worker, kind) — never from request data. Children are bound
 once per model version, and the request path's children are *deferred*: a
 request adds to numbers in the worker's memory, which are written to the real
-children at most ``FLUSH_SECONDS`` later (by the request path of a busy worker,
+children at most ``flush_seconds`` (default ``FLUSH_SECONDS``) later (by the request path of a busy worker,
 by a background thread for an idle one, and first by the worker answering
 ``/metrics``), so recording costs no lock, syscall or file write. A model
 call's duration, batch size and outputs are not even counted per request: they
@@ -30,6 +30,7 @@ import os
 import re
 import threading
 import time
+from array import array
 from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FLUSH_SECONDS = 0.1
-"""How often a busy worker writes its deferred metric values to the shared files (see :class:`DeferredCounter`)."""
+"""Default of how often a busy worker writes its deferred metric values to the shared files (see :class:`DeferredCounter`)."""
 QUEUE_LIMIT = 4096
 """Queued model calls or outputs at which the request path flushes itself (a flush that never came)."""
 IDLE_FLUSH_SECONDS = 0.5
@@ -199,8 +200,9 @@ class _FlushBeforeCollect:
 class VigilMetrics:
     """The metric families; one instance per process, given the registry to register in."""
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, flush_seconds: float = FLUSH_SECONDS) -> None:
         self.registry = registry
+        self.flush_seconds = flush_seconds
         r = registry
         self._deferred: dict[tuple[int, tuple[str, ...]], Deferred] = {}
         self._bound: dict[tuple[str, str, str, str], BoundModelMetrics] = {}
@@ -410,17 +412,24 @@ class VigilMetrics:
                 child.flush()
 
     def flush_if_due(self, now: float) -> None:
-        """Flush when ``FLUSH_SECONDS`` have passed since the last flush (``now``: ``time.perf_counter()``).
+        """Flush when ``flush_seconds`` have passed since the last flush (``now``: ``time.perf_counter()``).
 
         Called by the request path after each request, so a busy worker flushes
         on its own event loop: a flushing thread waking ten times a second had
         to take the interpreter lock from the loop each time.
         """
-        if now - self._flushed_at >= FLUSH_SECONDS:
+        if now - self._flushed_at >= self.flush_seconds:
             self.flush()
 
-    def start_flushing(self, interval: float = IDLE_FLUSH_SECONDS) -> None:
-        """Flush from a daemon thread whenever ``interval`` seconds pass without a flush, until :meth:`stop_flushing`."""
+    def start_flushing(self, interval: float | None = None) -> None:
+        """Flush from a daemon thread whenever ``interval`` seconds pass without a flush, until :meth:`stop_flushing`.
+
+        ``interval`` defaults to ``IDLE_FLUSH_SECONDS``, or ``flush_seconds`` when that is longer (the
+        thread is for idle workers: it must not flush a busy one more often than its own loop does).
+        """
+        if interval is None:
+            interval = max(IDLE_FLUSH_SECONDS, self.flush_seconds)
+
         def run() -> None:
             while not self._flushing.wait(interval):
                 if time.perf_counter() - self._flushed_at >= interval:
@@ -578,8 +587,11 @@ class BoundModelMetrics:
                         for label in (card.labels or [])]
         self._missing = {f.name: metrics.counter(metrics.input_missing, name, f.name) for f in card.features}
         self._input_oor = {f.name: metrics.counter(metrics.input_out_of_range, name, f.name) for f in card.features}
-        self._calls: deque[tuple[float, int]] = deque()
-        self._outputs: deque[Predictions] = deque()
+        # Queued for the flush: each model call's (seconds, size) as two doubles, and each call's output
+        # array (regression values, 1-D, or class probabilities, 2-D). Neither holds an object the garbage
+        # collector tracks, so the requests between two flushes add nothing to its collections.
+        self._calls = array("d")
+        self._outputs: deque[np.ndarray] = deque()
         self._errors: dict[str, DeferredCounter] = {}
         self._fallback: dict[str, DeferredCounter] = {}
         self._version = version
@@ -593,35 +605,43 @@ class BoundModelMetrics:
 
     def record_call(self, seconds: float, size: int) -> None:
         """One model call: its duration and its batch size (counted at the next flush)."""
-        self._enqueue(self._calls, (seconds, size))
+        calls = self._calls
+        calls.append(seconds)
+        calls.append(size)
+        if len(calls) >= 2 * QUEUE_LIMIT:
+            self.metrics.flush()
 
     def record_predictions(self, predictions: Predictions) -> None:
         """Answered instances, by class or value (counted at the next flush; finite outputs only)."""
-        self._enqueue(self._outputs, predictions)
-
-    def _enqueue(self, queue: deque[Any], item: Any) -> None:
-        queue.append(item)
-        if len(queue) >= QUEUE_LIMIT:
-            self.metrics.flush()
+        output = predictions.values if predictions.values is not None else predictions.probabilities
+        if output is not None:
+            self._outputs.append(output)
+            if len(self._outputs) >= QUEUE_LIMIT:
+                self.metrics.flush()
 
     def count_queued(self) -> None:
         """Count every queued call and output into the children; called by the flush, under its lock.
 
-        The flushers are the only writers of these children, and ``popleft``
-        never loses an item the event loop appends meanwhile.
+        The flushers are the only writers of these children and the only
+        takers from the queues, and the event loop only appends: taking whole
+        pairs from the front of ``_calls`` (the loop may be between a call's two
+        appends) and ``popleft`` from ``_outputs`` never lose an item appended
+        meanwhile.
         """
-        calls = _drain(self._calls)
-        if calls:
-            figures = np.array(calls, dtype=np.float64)
+        calls = self._calls
+        taken = len(calls) & ~1
+        if taken:
+            figures = np.frombuffer(calls[:taken], dtype=np.float64).reshape(-1, 2)  # a copy: appends go on
+            del calls[:taken]
             self.inference_duration.observe_many(figures[:, 0])
             self.batch_size.observe_many(figures[:, 1])
         outputs = _drain(self._outputs)
-        values = [p.values for p in outputs if p.values is not None]
+        values = [output for output in outputs if output.ndim == 1]
         if values:
             joined = np.concatenate(values)
             self.prediction_value.observe_many(joined[np.isfinite(joined)])
             self.predictions.inc(len(joined))
-        probabilities = [p.probabilities for p in outputs if p.values is None and p.probabilities is not None]
+        probabilities = [output for output in outputs if output.ndim == 2]
         if probabilities:
             probs = np.concatenate(probabilities)
             finite_rows = np.isfinite(probs).all(axis=1)

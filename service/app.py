@@ -282,7 +282,7 @@ class Vigil:
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count()
         settings = self.settings
-        self.metrics = VigilMetrics() if settings.metrics_enabled else None
+        self.metrics = VigilMetrics(flush_seconds=settings.metrics_flush_seconds) if settings.metrics_enabled else None
         self.predlog = PredictionLog(
             settings.data_dir, worker_label(), self.metrics, flush_interval=settings.predlog_flush_seconds,
             max_buffer_rows=settings.predlog_buffer_rows, pii_salt=settings.pii_salt,
@@ -302,7 +302,8 @@ class Vigil:
         self.control.start()
         if self.predlog is not None:
             self.predlog.start()
-        self.sampler = ProcessSampler(self.metrics, worker_label()) if self.metrics is not None else None
+        self.sampler = (ProcessSampler(self.metrics, worker_label(), settings.process_sample_seconds)
+                        if self.metrics is not None else None)
         if self.sampler is not None:
             self.sampler.start()
         if self.metrics is not None:
@@ -483,7 +484,7 @@ class Vigil:
     async def metrics_endpoint(self) -> Response:
         """The ``vigil_`` families, merged over all workers (Prometheus multiprocess mode)."""
         if self.metrics is not None:
-            self.metrics.flush()  # this worker's numbers exact; the others' at most FLUSH_SECONDS old
+            self.metrics.flush()  # this worker's numbers exact; the others' at most metrics_flush_seconds old
         text, content_type = await anyio.to_thread.run_sync(exposition)
         return Response(text, media_type=content_type)
 

@@ -111,7 +111,7 @@ class VersionHealth:
 
 
 INLINE_CALL_SECONDS = 0.002
-"""Model calls typically faster than this run on the event loop: a thread hop would cost more than the call."""
+"""Default of :attr:`ServedVersion.inline_seconds` (setting ``VIGIL_MODEL_INLINE_SECONDS``)."""
 MIN_PROBE_SECONDS = 1.0
 MAX_PROBE_SECONDS = 60.0
 PROBE_CEILING_SECONDS = 0.05
@@ -139,11 +139,13 @@ class ServedVersion:
     next_probe: float = 0.0
     """While calls run on threads: when (``time.perf_counter()``) to time one on the event loop again."""
     probe_interval: float = MIN_PROBE_SECONDS
+    inline_seconds: float = INLINE_CALL_SECONDS
+    """Model calls typically faster than this run on the event loop: a thread hop would cost more than the call."""
 
     def calls_inline(self, now: float) -> bool:
         """Whether the next model call runs on the event loop: typical calls are fast, or a re-measure is due."""
         seconds = self.call_seconds_ewma
-        return seconds < INLINE_CALL_SECONDS or (seconds < PROBE_CEILING_SECONDS and now >= self.next_probe)
+        return seconds < self.inline_seconds or (seconds < PROBE_CEILING_SECONDS and now >= self.next_probe)
 
     def note_call(self, seconds: float, now: float, inline: bool = True, timed_out: bool = False) -> None:
         """Track typical call time (it decides whether calls run on the event loop or on a thread).
@@ -162,20 +164,20 @@ class ServedVersion:
             self.call_seconds_ewma = seconds
             self.next_probe = now + MIN_PROBE_SECONDS
             return
-        if inline and self.call_seconds_ewma >= INLINE_CALL_SECONDS:  # a probe
+        if inline and self.call_seconds_ewma >= self.inline_seconds:  # a probe
             self.call_seconds_ewma = seconds
-            if seconds >= INLINE_CALL_SECONDS:  # still slow: wait twice as long for the next one
+            if seconds >= self.inline_seconds:  # still slow: wait twice as long for the next one
                 self.probe_interval = min(self.probe_interval * 2, MAX_PROBE_SECONDS)
                 self.next_probe = now + self.probe_interval
             return
-        was_fast = self.call_seconds_ewma < INLINE_CALL_SECONDS
+        was_fast = self.call_seconds_ewma < self.inline_seconds
         # One call that took long because the worker was descheduled (two workers and a load
         # generator on two cores) must not move a 10 µs model to threads: a sample counts for at
-        # most ten times the typical time plus 1 ms, so only sustained slowness crosses 2 ms.
+        # most ten times the typical time plus 1 ms, so only sustained slowness crosses the threshold.
         if not timed_out:
             seconds = min(seconds, 10 * self.call_seconds_ewma + 0.001)
         self.call_seconds_ewma = 0.9 * self.call_seconds_ewma + 0.1 * seconds
-        if was_fast and self.call_seconds_ewma >= INLINE_CALL_SECONDS:
+        if was_fast and self.call_seconds_ewma >= self.inline_seconds:
             self.probe_interval = MIN_PROBE_SECONDS
             self.next_probe = now + MIN_PROBE_SECONDS
 

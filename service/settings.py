@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     metrics_enabled: bool = True
     """Record the ``vigil_`` metric families (off only to measure their cost)."""
 
+    metrics_flush_seconds: float = Field(0.1, gt=0, le=10)
+    """How often a busy worker writes its metric values to the files ``/metrics`` reads: the most a
+    scrape can lag behind another worker's requests (the answering worker is always exact)."""
+
+    process_sample_seconds: float = Field(2.0, gt=0, le=60)
+    """How often each worker samples its own memory, CPU, open files and threads for ``vigil_process_*``."""
+
     predlog_enabled: bool = True
     """Write every answered instance to the prediction log under ``data_dir/predlog``."""
 
@@ -69,6 +76,10 @@ class Settings(BaseSettings):
 
     pii_salt: str | None = None
     """Secret salt for hashing features marked ``pii: hash``; without it they are dropped."""
+
+    model_inline_seconds: float = Field(0.002, gt=0, le=1)
+    """Model calls typically faster than this run on the worker's event loop (a thread hop would cost
+    more than the call); slower ones run on a thread so the worker keeps answering meanwhile."""
 
     intra_op_threads: int = Field(1, ge=1)
     """onnxruntime intra-op threads per worker; one per worker keeps workers from fighting for cores."""

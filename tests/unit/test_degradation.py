@@ -259,3 +259,17 @@ def test_calls_leave_the_event_loop_when_slow_and_come_back_when_fast() -> None:
     for s in range(200, 260):  # it turns fast: timed on threads, its typical time falls under 50 ms
         call(float(s), 0.00001, seconds_on_thread=0.004)
     assert call(500.0, 0.00001) and call(500.1, 0.00001)
+
+
+def test_the_inline_threshold_is_configurable() -> None:
+    from service.routing import ServedVersion
+
+    def steady_5ms(inline_seconds: float) -> bool:
+        served = ServedVersion(card=None, validator=None, fallback=None, predictor=None, breaker=None,  # type: ignore[arg-type]
+                               inline_seconds=inline_seconds)
+        for i in range(100):
+            served.note_call(0.005, now=i * 0.01, inline=served.calls_inline(i * 0.01))
+        return served.calls_inline(0.995)  # before the first probe back on the loop is due
+
+    assert not steady_5ms(0.002)  # the default: a 5 ms model runs on threads
+    assert steady_5ms(0.010)  # VIGIL_MODEL_INLINE_SECONDS=0.01: it stays on the event loop

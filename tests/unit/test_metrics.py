@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,6 +152,19 @@ def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
             deferred.inc()
     metrics.flush()
     assert registry.get_sample_value("c_total") == 200_000
+
+
+def test_a_busy_worker_flushes_at_its_configured_interval() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", registry=registry)
+    metrics = VigilMetrics(registry=None, flush_seconds=5.0)
+    deferred = metrics.counter(counter)
+    metrics.flush()
+    deferred.inc()
+    metrics.flush_if_due(time.perf_counter())
+    assert registry.get_sample_value("c_total") == 0  # not yet: the last flush was just now
+    metrics.flush_if_due(time.perf_counter() + 5.0)
+    assert registry.get_sample_value("c_total") == 1
 
 
 def test_queued_outputs_are_counted_exactly_while_another_thread_flushes(cards: dict[str, ModelCard]) -> None:
