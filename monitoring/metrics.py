@@ -197,6 +197,44 @@ class _FlushBeforeCollect:
         return []
 
 
+class EndpointRecorder:
+    """The HTTP metrics of one endpoint (a bounded label value): two calls per request, no I/O.
+
+    :meth:`started` and :meth:`finished` write straight into the endpoint's
+    deferred children, and the latter checks whether a flush is due: one call
+    each, where six calls before were a fifth of monitoring's instructions on a
+    single-row prediction. Only the worker's event loop calls them (see :class:`DeferredCounter`).
+    """
+
+    __slots__ = ("metrics", "endpoint", "in_progress", "duration", "_answered")
+
+    def __init__(self, metrics: VigilMetrics, endpoint: str) -> None:
+        self.metrics = metrics
+        self.endpoint = endpoint
+        self.in_progress = metrics.gauge(metrics.http_in_progress, endpoint)
+        self.duration = metrics.histogram(metrics.http_duration, endpoint)
+        self._answered: dict[tuple[str, int], DeferredCounter] = {}
+
+    def started(self) -> None:
+        """A request to the endpoint began."""
+        self.in_progress.value += 1
+
+    def finished(self, method: str, status: int, seconds: float, now: float) -> None:
+        """The request ended after ``seconds`` with ``status``; ``now`` is ``time.perf_counter()``."""
+        self.in_progress.value -= 1
+        duration = self.duration
+        duration.counts[bisect_left(duration.bounds, seconds)] += 1
+        duration.sum += seconds
+        answered = self._answered.get((method, status))
+        if answered is None:
+            answered = self._answered[(method, status)] = self.metrics.counter(
+                self.metrics.http_requests, self.endpoint, method, str(status))
+        answered.total += 1
+        metrics = self.metrics
+        if now - metrics._flushed_at >= metrics.flush_seconds:  # flush_if_due(), without a call per request
+            metrics.flush()
+
+
 class VigilMetrics:
     """The metric families; one instance per process, given the registry to register in."""
 
@@ -206,6 +244,7 @@ class VigilMetrics:
         r = registry
         self._deferred: dict[tuple[int, tuple[str, ...]], Deferred] = {}
         self._bound: dict[tuple[str, str, str, str], BoundModelMetrics] = {}
+        self._endpoints: dict[str, EndpointRecorder] = {}
         self._flush_lock = threading.Lock()
         self._flushing = threading.Event()
         self._flushed_at = 0.0
@@ -441,6 +480,13 @@ class VigilMetrics:
         """Stop the flushing thread and write what is left."""
         self._flushing.set()
         self.flush()
+
+    def endpoint(self, endpoint: str) -> EndpointRecorder:
+        """The HTTP recorder of ``endpoint``, which must come from a bounded set (see ``service.edge``)."""
+        recorder = self._endpoints.get(endpoint)
+        if recorder is None:
+            recorder = self._endpoints.setdefault(endpoint, EndpointRecorder(self, endpoint))
+        return recorder
 
     def feedback_recorder(self, card: ModelCard) -> FeedbackMetrics:
         """Children recording ground truth for one model version."""

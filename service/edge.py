@@ -50,8 +50,7 @@ class EdgeMiddleware:
         self.app = app
         self._service: Any = None
         self._direct = False
-        self._children: dict[tuple[str, str, int], Any] = {}
-        self._recorders: dict[str, tuple[Any, Any]] = {}
+        self._recorders: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,14 +72,12 @@ class EdgeMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        endpoint = endpoint_label(path)
-        status = 500
+        endpoint = path if path in ENDPOINTS else "other"  # endpoint_label(), without a call per request
         recorder = self._recorders.get(endpoint)
         if recorder is None:
-            recorder = self._recorders[endpoint] = (metrics.gauge(metrics.http_in_progress, endpoint),
-                                                     metrics.histogram(metrics.http_duration, endpoint))
-        in_progress, duration = recorder
-        in_progress.inc()
+            recorder = self._recorders[endpoint] = metrics.endpoint(endpoint)
+        status = 500
+        recorder.started()
         started = time.perf_counter()
         try:
             if direct:  # the handler's response says its status: no wrapper around send
@@ -94,15 +91,8 @@ class EdgeMiddleware:
 
                 await self.app(scope, receive, recording_send)
         finally:
-            in_progress.dec()
             finished = time.perf_counter()
-            duration.observe(finished - started)
-            key = (endpoint, scope.get("method", "GET"), status)
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = metrics.counter(metrics.http_requests, key[0], key[1], str(key[2]))
-            child.inc()
-            metrics.flush_if_due(finished)
+            recorder.finished(scope.get("method", "GET"), status, finished - started, finished)
 
     def _find_service(self) -> Any:
         try:
