@@ -26,11 +26,6 @@ UNTRACKED = frozenset({"/metrics", "/livez", "/healthz", "/readyz"})
 """Probes and scrapes: answered, but not counted as traffic."""
 
 
-def endpoint_label(path: str) -> str:
-    """The bounded ``endpoint`` label value of a request path."""
-    return path if path in ENDPOINTS else "other"
-
-
 HOT_ROUTES = frozenset({"/predict", "/feedback"})
 """POST routes the edge hands straight to the service's handlers."""
 
@@ -72,7 +67,7 @@ class EdgeMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        endpoint = path if path in ENDPOINTS else "other"  # endpoint_label(), without a call per request
+        endpoint = path if path in ENDPOINTS else "other"  # a bounded label: every unknown path is 'other'
         recorder = self._recorders.get(endpoint)
         if recorder is None:
             recorder = self._recorders[endpoint] = metrics.endpoint(endpoint)

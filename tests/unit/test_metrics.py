@@ -142,6 +142,24 @@ def test_collecting_the_registry_flushes_and_children_are_shared(metrics: VigilM
     assert value(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 2
 
 
+def test_endpoint_recorder_counts_requests_by_status_and_time(metrics: VigilMetrics,
+                                                               registry: CollectorRegistry) -> None:
+    recorder = metrics.endpoint("/predict")
+    assert metrics.endpoint("/predict") is recorder
+    recorder.started()
+    recorder.started()
+    recorder.finished("POST", 200, 0.003, time.perf_counter())
+    assert value(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 1  # one still running
+    recorder.finished("POST", 429, 0.0002, time.perf_counter())
+    assert value(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 0
+    assert value(registry, "vigil_http_requests_total", endpoint="/predict", method="POST", code="200") == 1
+    assert value(registry, "vigil_http_requests_total", endpoint="/predict", method="POST", code="429") == 1
+    assert value(registry, "vigil_http_request_duration_seconds_count", endpoint="/predict") == 2
+    assert value(registry, "vigil_http_request_duration_seconds_bucket", endpoint="/predict", le="0.0005") == 1
+    assert value(registry, "vigil_http_request_duration_seconds_bucket", endpoint="/predict", le="0.005") == 2
+    assert value(registry, "vigil_http_request_duration_seconds_sum", endpoint="/predict") == pytest.approx(0.0032)
+
+
 def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
     registry = CollectorRegistry()
     counter = Counter("c", "c", registry=registry)
