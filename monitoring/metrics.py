@@ -10,12 +10,13 @@ Label values come from bounded sets only (model, version, variant, reason,
 feature, class, worker, kind) — never from request data. Children are bound
 once per model version, and the request path's children are *deferred*: a
 request adds to numbers in the worker's memory, which are written to the real
-children at most ``flush_seconds`` (default ``FLUSH_SECONDS``) later (by the request path of a busy worker,
-by a background thread for an idle one, and first by the worker answering
-``/metrics``), so recording costs no lock, syscall or file write. A model
-call's duration, batch size and outputs are not even counted per request: they
-are queued as they are and counted with numpy for all requests at once when the
-worker flushes.
+children at most ``flush_seconds`` (default ``FLUSH_SECONDS``) later (by the
+request path of a busy worker, by a background thread for an idle one, and
+first by the worker answering ``/metrics``), so recording costs no lock,
+syscall or file write. A model call's duration, batch size and outputs are not
+even counted per request: they are queued as they are and counted with numpy
+for all requests at once when the worker flushes; the HTTP metrics of each
+endpoint take two calls per request (:class:`EndpointRecorder`).
 
 Under BentoML every worker writes its own files in ``PROMETHEUS_MULTIPROC_DIR``
 and ``/metrics`` merges them: counters and histograms sum across workers; each
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FLUSH_SECONDS = 0.1
-"""Default of how often a busy worker writes its deferred metric values to the shared files (see :class:`DeferredCounter`)."""
+"""Default of how often a busy worker writes its deferred metric values to the shared files.
+
+See :class:`DeferredCounter`; the service takes it from ``VIGIL_METRICS_FLUSH_SECONDS``."""
 QUEUE_LIMIT = 4096
 """Queued model calls or outputs at which the request path flushes itself (a flush that never came)."""
 IDLE_FLUSH_SECONDS = 0.5

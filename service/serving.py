@@ -411,7 +411,8 @@ class ModelServer:
             else:
                 assert predictions is not None
                 bad = invalid_rows(served.card, predictions, entry.policy.output_range_margin)
-                bad_count = int(np.count_nonzero(bad))  # one cheap count: any() and sum() cost ~1 µs each on a small array
+                # One cheap count: any() and sum() cost ~1 µs each on a small array.
+                bad_count = int(np.count_nonzero(bad))
                 served.breaker.record(bad_count == 0)
                 if bad_count:
                     if served.metrics is not None:

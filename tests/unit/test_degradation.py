@@ -265,8 +265,8 @@ def test_the_inline_threshold_is_configurable() -> None:
     from service.routing import ServedVersion
 
     def steady_5ms(inline_seconds: float) -> bool:
-        served = ServedVersion(card=None, validator=None, fallback=None, predictor=None, breaker=None,  # type: ignore[arg-type]
-                               inline_seconds=inline_seconds)
+        served = ServedVersion(card=None, validator=None, fallback=None, predictor=None,  # type: ignore[arg-type]
+                               breaker=None, inline_seconds=inline_seconds)
         for i in range(100):
             served.note_call(0.005, now=i * 0.01, inline=served.calls_inline(i * 0.01))
         return served.calls_inline(0.995)  # before the first probe back on the loop is due
