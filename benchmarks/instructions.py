@@ -155,6 +155,7 @@ def measure_mode(mode: str, registry: Path, version_dir: Path, bodies: dict[int,
         spec = server_spec(MODES[mode], 1, port, registry, version_dir, ROOT)
         spec = replace(spec, env={**spec.env, **server_env(config.slowdown)},
                        argv=["valgrind", "--tool=callgrind", "--trace-children=yes", "--instr-atstart=no",
+                             *(["--cache-sim=yes", "--branch-sim=yes"] if config.simulate else []),
                              f"--callgrind-out-file={out_dir}/callgrind.%p.out", *spec.argv])
         known: set[Path] = set()
         with running_server(spec, ready_timeout=900) as (_url, server):
@@ -199,6 +200,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--slowdown", type=float, default=30.0,
                         help="stretch of the worker's intervals under callgrind (default 30; see the module docstring)")
     parser.add_argument("--registry", type=Path, default=None, help="an existing registry with 'cancer'")
+    parser.add_argument("--simulate", action="store_true",
+                        help="also simulate caches and branch prediction (slower; see the dumps' events)")
     parser.add_argument("--dumps", type=Path, default=None,
                         help="keep callgrind's dumps here (read them with callgrind_annotate)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
