@@ -45,7 +45,6 @@ class EdgeMiddleware:
         self.app = app
         self._service: Any = None
         self._direct = False
-        self._recorders: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,10 +66,7 @@ class EdgeMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        endpoint = path if path in ENDPOINTS else "other"  # a bounded label: every unknown path is 'other'
-        recorder = self._recorders.get(endpoint)
-        if recorder is None:
-            recorder = self._recorders[endpoint] = metrics.endpoint(endpoint)
+        recorder = metrics.endpoint(path if path in ENDPOINTS else "other")  # unknown paths: one label, 'other'
         status = 500
         recorder.started()
         started = time.perf_counter()

@@ -273,3 +273,21 @@ def test_the_inline_threshold_is_configurable() -> None:
 
     assert not steady_5ms(0.002)  # the default: a 5 ms model runs on threads
     assert steady_5ms(0.010)  # VIGIL_MODEL_INLINE_SECONDS=0.01: it stays on the event loop
+
+
+def test_a_server_takes_its_inline_threshold_from_settings(example_registry: Path, tmp_path: Path) -> None:
+    from service.deploy import DeployConfig
+    from service.serving import ModelServer
+    from service.settings import Settings
+
+    settings = Settings(registry=example_registry, data_dir=tmp_path, deploy=tmp_path / "none.yaml",
+                        model_inline_seconds=0.5)
+    server = ModelServer(settings, None, None, DeployConfig())
+    server.load_all()
+    try:
+        _, served = server.route("cancer")
+        for i in range(50):  # a model that takes 100 ms a call
+            served.note_call(0.1, now=i * 0.2, inline=served.calls_inline(i * 0.2))
+        assert served.calls_inline(10.0)  # under the configured 0.5 s: still on the event loop
+    finally:
+        server.close()

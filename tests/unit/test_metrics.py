@@ -181,8 +181,26 @@ def test_a_busy_worker_flushes_at_its_configured_interval() -> None:
     deferred.inc()
     metrics.flush_if_due(time.perf_counter())
     assert registry.get_sample_value("c_total") == 0  # not yet: the last flush was just now
+    metrics.flush_if_due(time.perf_counter() + 1.0)
+    assert registry.get_sample_value("c_total") == 0  # 1 s later: past the default 0.1 s, not past 5 s
     metrics.flush_if_due(time.perf_counter() + 5.0)
     assert registry.get_sample_value("c_total") == 1
+
+
+def test_the_idle_flush_thread_waits_at_least_the_configured_interval() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", registry=registry)
+    metrics = VigilMetrics(registry=None, flush_seconds=3.0)
+    deferred = metrics.counter(counter)
+    metrics.flush()
+    metrics.start_flushing()
+    try:
+        deferred.inc()
+        time.sleep(1.0)  # two idle intervals of the default 0.5 s, a third of the configured 3 s
+        assert registry.get_sample_value("c_total") == 0
+    finally:
+        metrics.stop_flushing()
+    assert registry.get_sample_value("c_total") == 1  # stopping writes what is left
 
 
 def test_queued_outputs_are_counted_exactly_while_another_thread_flushes(cards: dict[str, ModelCard]) -> None:
