@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,13 @@ def cards(example_registry: Path) -> dict[str, ModelCard]:
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
+
+
+def one_counter(flush_seconds: float = 0.1) -> tuple[CollectorRegistry, VigilMetrics, Any]:
+    """A registry with one counter ``c``, and metrics whose deferred child of it the test records into."""
+    registry = CollectorRegistry()
+    metrics = VigilMetrics(registry=None, flush_seconds=flush_seconds)
+    return registry, metrics, metrics.counter(Counter("c", "c", registry=registry))
 
 
 @contextmanager
@@ -161,10 +169,7 @@ def test_endpoint_recorder_counts_requests_by_status_and_time(metrics: VigilMetr
 
 
 def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
-    registry = CollectorRegistry()
-    counter = Counter("c", "c", registry=registry)
-    metrics = VigilMetrics(registry=None)
-    deferred = metrics.counter(counter)
+    registry, metrics, deferred = one_counter()
     with flushing_meanwhile(metrics):
         for _ in range(200_000):
             deferred.inc()
@@ -173,10 +178,7 @@ def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
 
 
 def test_a_busy_worker_flushes_at_its_configured_interval() -> None:
-    registry = CollectorRegistry()
-    counter = Counter("c", "c", registry=registry)
-    metrics = VigilMetrics(registry=None, flush_seconds=5.0)
-    deferred = metrics.counter(counter)
+    registry, metrics, deferred = one_counter(5.0)
     metrics.flush()
     deferred.inc()
     metrics.flush_if_due(time.perf_counter())
@@ -188,10 +190,7 @@ def test_a_busy_worker_flushes_at_its_configured_interval() -> None:
 
 
 def test_the_idle_flush_thread_waits_at_least_the_configured_interval() -> None:
-    registry = CollectorRegistry()
-    counter = Counter("c", "c", registry=registry)
-    metrics = VigilMetrics(registry=None, flush_seconds=3.0)
-    deferred = metrics.counter(counter)
+    registry, metrics, deferred = one_counter(3.0)
     metrics.flush()
     metrics.start_flushing()
     try:
