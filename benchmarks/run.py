@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -70,6 +70,11 @@ BATCH = 64
 MAX_MONITORING_OVERHEAD = 0.05  # 1 - vigil / vigil-nometrics req/s
 
 MAX_OTHER_CORES = 0.2  # CPU used by unrelated processes above which a cell is flagged as disturbed
+# With several workers, the share of the server's CPU its busiest process may use before a cell counts as
+# unbalanced: the kernel hands wrk's keep-alive connections to the workers unevenly, sometimes nearly all to
+# one (its share then ~0.95, against ~0.5-0.6 when spread), which halves throughput whatever the code does.
+MAX_BUSIEST_SHARE = 0.75
+MEASURE_ATTEMPTS = 3  # tries at a monitoring-overhead round until its load is spread over the workers
 
 
 # --------------------------------------------------------------------------- configuration
@@ -92,8 +97,10 @@ class Config:
     wait_quiet: float
     overhead_rounds: int
     overhead_seconds: int
+    overhead_mode: str
     vigil_root: Path
     vigil_commit: str | None
+    vigil_settings: tuple[tuple[str, str], ...]
     registry: Path | None
     results_dir: Path
 
@@ -109,6 +116,13 @@ def _target_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(
             f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(ALL_TARGETS)}")
     return chosen
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("VIGIL_") or name == "VIGIL_METRICS_ENABLED":
+        raise argparse.ArgumentTypeError(f"expected VIGIL_NAME=value (not VIGIL_METRICS_ENABLED), got {text!r}")
+    return name, value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -132,12 +146,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                         help="wrk threads (default 1: one load thread saturates these servers and leaves CPU to them)")
     parser.add_argument("--ready-timeout", type=float, default=90.0, help="seconds to wait for a server's /readyz")
     parser.add_argument("--overhead-rounds", type=int, metavar="N",
-                        help="rounds of the interleaved monitoring-overhead measurement: vigil and vigil-nometrics "
-                             "run at once and are loaded in turn, N times each per request size at 16 "
-                             "connections (default 10, quick 0; 0 skips it)")
+                        help="rounds of the paired monitoring-overhead measurement: vigil and vigil-nometrics "
+                             "run at once and are loaded together (or in turn, see --overhead-mode), N times per "
+                             "request size at 16 connections (default 10, quick 0; 0 skips it)")
     parser.add_argument("--overhead-seconds", type=int, metavar="S",
                         help="seconds measured per cell of those rounds (default 4: many short rounds average "
                              "this machine's drifts better than a few long ones)")
+    parser.add_argument("--overhead-mode", choices=("together", "turns"), default="together",
+                        help="together (default): both servers loaded at once, each by its own wrk, judged by "
+                             "server CPU time per request; turns: loaded one after the other, judged by req/s")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each server, wait up to this long for other jobs to leave the CPU (default 0)")
     which = parser.add_mutually_exclusive_group()
@@ -146,6 +163,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     which.add_argument("--vigil-commit", metavar="REV",
                        help="serve and train with this commit of this repository (extracted to a temp dir), "
                             "e.g. HEAD to leave uncommitted changes out")
+    parser.add_argument("--vigil-setting", type=_setting, action="append", default=[], metavar="VIGIL_NAME=VALUE",
+                        help="a setting for both vigil and vigil-nometrics, e.g. VIGIL_METRICS_FLUSH_SECONDS=1 "
+                             "(repeatable; the benchmark otherwise clears every VIGIL_ variable)")
     parser.add_argument("--registry", type=Path,
                         help="registry holding 'cancer' (default: train and register the examples into a temp dir)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where latest.json/latest.md go")
@@ -165,8 +185,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         wait_quiet=args.wait_quiet,
         overhead_rounds=max(0, args.overhead_rounds if args.overhead_rounds is not None else (0 if quick else 10)),
         overhead_seconds=max(1, args.overhead_seconds or 4),
+        overhead_mode=args.overhead_mode,
         vigil_root=args.vigil_root.resolve(),
         vigil_commit=args.vigil_commit,
+        vigil_settings=tuple(args.vigil_setting),
         registry=args.registry,
         results_dir=args.results_dir,
     )
@@ -261,14 +283,14 @@ def request_body(rows: list[dict[str, float]], instances: int) -> bytes:
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _tree_cpu_seconds(root: psutil.Process) -> float:
-    """User + system CPU seconds of ``root`` and its live descendants."""
-    total = 0.0
+def _tree_cpu_seconds(root: psutil.Process) -> dict[int, float]:
+    """User + system CPU seconds of ``root`` and of each of its live descendants, by pid."""
+    seconds = {}
     for proc in [root, *root.children(recursive=True)]:
         with suppress(psutil.NoSuchProcess):
             times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+            seconds[proc.pid] = times.user + times.system
+    return seconds
 
 
 @dataclass
@@ -277,6 +299,8 @@ class CpuUse:
 
     server_cores: float = 0.0
     other_cores: float = 0.0
+    busiest_share: float = 1.0
+    """The share of the server's CPU used by its busiest process: about 1/workers when the load is spread."""
 
 
 @dataclass(frozen=True)
@@ -286,7 +310,7 @@ class CpuSnapshot:
     wall: float
     machine: float
     own: float
-    server: float
+    server: dict[int, float]
 
     @classmethod
     def take(cls, server: psutil.Process | None = None) -> CpuSnapshot:
@@ -297,15 +321,18 @@ class CpuSnapshot:
             wall=time.monotonic(),
             machine=sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
             own=own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
-            server=_tree_cpu_seconds(server) if server is not None else 0.0,
+            server=_tree_cpu_seconds(server) if server is not None else {},
         )
 
     def since(self, earlier: CpuSnapshot) -> CpuUse:
         """Cores used between ``earlier`` and this snapshot (wrk counts as ours once it has been waited for)."""
         wall = self.wall - earlier.wall
-        server = self.server - earlier.server
+        # A process started in between counts whole; one that ended in between is missed (servers here keep theirs).
+        per_process = [seconds - earlier.server.get(pid, 0.0) for pid, seconds in self.server.items()]
+        server = sum(per_process)
         other = self.machine - earlier.machine - server - (self.own - earlier.own)
-        return CpuUse(server_cores=server / wall, other_cores=max(0.0, other / wall))
+        return CpuUse(server_cores=server / wall, other_cores=max(0.0, other / wall),
+                      busiest_share=max(per_process) / server if server > 0 else 1.0)
 
 
 def _disturbance(other_cores: float) -> str:
@@ -323,7 +350,7 @@ def cpu_use(server: psutil.Process) -> Iterator[CpuUse]:
     before = CpuSnapshot.take(server)
     yield use
     after = CpuSnapshot.take(server).since(before)
-    use.server_cores, use.other_cores = after.server_cores, after.other_cores
+    use.server_cores, use.other_cores, use.busiest_share = after.server_cores, after.other_cores, after.busiest_share
 
 
 def wait_for_quiet(limit: float, threshold: float = MAX_OTHER_CORES) -> float:
@@ -417,10 +444,14 @@ def _bentoml_serve(service: str, port: int) -> list[str]:
 
 
 def server_spec(target: str, workers: int, port: int, registry: Path, version_dir: Path,
-                vigil_root: Path) -> ServerSpec:
-    """The command line and environment of ``target`` (``BENTOML_HOME`` is added at start)."""
+                vigil_root: Path, settings: Sequence[tuple[str, str]] = ()) -> ServerSpec:
+    """The command line and environment of ``target`` (``BENTOML_HOME`` is added at start).
+
+    ``settings`` are ``VIGIL_`` variables for the Vigil targets.
+    """
     env = vigil_env(vigil_root)
     if target in ("vigil", "vigil-nometrics"):
+        env.update(settings)
         env["VIGIL_METRICS_ENABLED"] = "true" if target == "vigil" else "false"
         # What the `vigil` console script runs, importing Vigil from vigil_root.
         argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--host", HOST,
@@ -574,14 +605,29 @@ def write_lua(body_path: Path) -> Path:
     return script
 
 
-def run_wrk(wrk: str, url: str, script: Path, connections: int, seconds: int, threads: int) -> WrkResult:
-    """Load ``url`` for ``seconds`` (wrk takes whole seconds) with ``connections`` connections; parse the result."""
+def start_wrk(wrk: str, url: str, script: Path, connections: int, seconds: int, threads: int) -> subprocess.Popen[str]:
+    """Start loading ``url`` for ``seconds`` (wrk takes whole seconds) with ``connections`` connections."""
     argv = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
             "--latency", "-s", str(script), f"{url}/predict"]
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr or completed.stdout}")
-    return parse_wrk(completed.stdout)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_wrk(proc: subprocess.Popen[str], seconds: int) -> WrkResult:
+    """Wait for a wrk started by :func:`start_wrk` and parse what it measured."""
+    try:
+        out, err = proc.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"wrk did not finish within {seconds + 60} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err or out}")
+    return parse_wrk(out)
+
+
+def run_wrk(wrk: str, url: str, script: Path, connections: int, seconds: int, threads: int) -> WrkResult:
+    """Load ``url`` for ``seconds`` with ``connections`` connections; parse the result."""
+    return finish_wrk(start_wrk(wrk, url, script, connections, seconds, threads), seconds)
 
 
 # --------------------------------------------------------------------------- HTTP cells
@@ -607,7 +653,13 @@ class Cell:
     """Server CPU time per request: a cost that other jobs on the machine barely change, unlike throughput."""
     wrk: dict[str, Any] = field(default_factory=dict)
     round: int | None = None
-    """Set on the cells of the interleaved monitoring-overhead measurement."""
+    """Set on the cells of the paired monitoring-overhead measurement."""
+    busiest_share: float = 1.0
+    """Share of the server's CPU used by its busiest process (about 1/workers when the load is spread)."""
+    attempts: int = 1
+    """Measurements taken of a monitoring-overhead round; the earlier ones were unbalanced and are not kept."""
+    together: bool = False
+    """Measured at the same time as the other server of the pair (see :func:`measure_together`)."""
 
     @property
     def ok(self) -> bool:
@@ -619,6 +671,11 @@ class Cell:
         """Other processes on the machine took a noticeable share of the CPU during the cell."""
         return self.other_cores > MAX_OTHER_CORES
 
+    @property
+    def unbalanced(self) -> bool:
+        """One of several workers did nearly all the work (see :data:`MAX_BUSIEST_SHARE`)."""
+        return self.workers > 1 and self.busiest_share > MAX_BUSIEST_SHARE
+
 
 @dataclass
 class Measurements:
@@ -628,7 +685,7 @@ class Measurements:
     inprocess: list[InProcessResult] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     overhead: list[Cell] = field(default_factory=list)
-    """The interleaved vigil / vigil-nometrics cells (see :func:`bench_overhead`)."""
+    """The paired vigil / vigil-nometrics cells (see :func:`bench_overhead`)."""
 
 
 def bench_server(spec: ServerSpec, config: Config, wrk: str, scripts: dict[int, Path],
@@ -658,6 +715,12 @@ def measure_cell(spec: ServerSpec, url: str, server: psutil.Process, instances: 
     seconds = config.duration if round_ is None else config.overhead_seconds
     with cpu_use(server) as cpu:
         result = run_wrk(wrk, url, scripts[instances], connections, seconds, config.wrk_threads)
+    return _cell(spec, instances, connections, result, cpu, round_)
+
+
+def _cell(spec: ServerSpec, instances: int, connections: int, result: WrkResult, cpu: CpuUse,
+          round_: int | None, together: bool = False) -> Cell:
+    """The cell measured by ``result`` and ``cpu``, printed as one console line."""
     cell = Cell(
         target=spec.target, workers=spec.workers, instances=instances, connections=connections,
         requests_per_s=result.requests_per_s, rows_per_s=result.requests_per_s * instances,
@@ -665,14 +728,43 @@ def measure_cell(spec: ServerSpec, url: str, server: psutil.Process, instances: 
         errors=result.non_2xx + result.socket_errors, server_cores=cpu.server_cores,
         other_cores=cpu.other_cores,
         cpu_ms_per_request=1000 * cpu.server_cores / max(result.requests_per_s, 1e-9), wrk=asdict(result),
-        round=round_,
+        round=round_, busiest_share=cpu.busiest_share, together=together,
     )
-    flags = ("" if cell.ok else f"  {cell.errors} ERRORS") + _disturbance(cell.other_cores)
+    flags = (("" if cell.ok else f"  {cell.errors} ERRORS") + _disturbance(cell.other_cores)
+             + (f"  unbalanced: one worker used {cell.busiest_share:.0%} of the CPU" if cell.unbalanced else ""))
     where = f"{spec.target} ({spec.workers}w)" + (f" round {round_}" if round_ is not None else "")
     print(f"  {where} inst={instances:<3} c={connections:<3} {cell.requests_per_s:>9,.0f} req/s "
           f"{cell.rows_per_s:>10,.0f} rows/s  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
           f"server {cell.server_cores:.2f} cores, {cell.cpu_ms_per_request:.2f} ms CPU/req{flags}", flush=True)
     return cell
+
+
+def measure_together(servers: Sequence[tuple[ServerSpec, tuple[str, psutil.Process]]], instances: int,
+                     config: Config, wrk: str, scripts: dict[int, Path], round_: int) -> list[Cell]:
+    """Load every server at once, each with its own wrk, and measure each one's requests and CPU.
+
+    The servers share every moment of the machine, so a slow spell of the
+    host (this VM's CPU time per request drifts by 10-30% over tens of
+    seconds) slows both alike: their ratio of CPU time per request is the
+    sharpest comparison this machine allows. How the scheduler splits the
+    cores between them moves their req/s, so req/s is reported, not judged.
+    """
+    seconds = config.overhead_seconds
+    if config.warmup > 0:
+        warming = [start_wrk(wrk, url, scripts[instances], OVERHEAD_CONNECTIONS, config.warmup, config.wrk_threads)
+                   for _, (url, _) in servers]
+        for proc in warming:
+            finish_wrk(proc, config.warmup)
+    before = [CpuSnapshot.take(server) for _, (_, server) in servers]
+    loads = [start_wrk(wrk, url, scripts[instances], OVERHEAD_CONNECTIONS, seconds, config.wrk_threads)
+             for _, (url, _) in servers]
+    results = [finish_wrk(proc, seconds) for proc in loads]
+    uses = [CpuSnapshot.take(server).since(earlier) for (_, (_, server)), earlier in zip(servers, before)]
+    everyone = sum(use.server_cores for use in uses)
+    for use in uses:  # each server's "other" processes include the servers beside it
+        use.other_cores = max(0.0, use.other_cores - (everyone - use.server_cores))
+    return [_cell(spec, instances, OVERHEAD_CONNECTIONS, result, use, round_, together=True)
+            for (spec, _), result, use in zip(servers, results, uses)]
 
 
 OVERHEAD_CONNECTIONS = 16
@@ -681,20 +773,24 @@ OVERHEAD_PAIR = ("vigil", "vigil-nometrics")
 
 def bench_overhead(config: Config, wrk: str, scripts: dict[int, Path], bodies: dict[int, bytes],
                    registry: Path, version_dir: Path) -> list[Cell]:
-    """Monitoring overhead, measured in turns: both servers up at once, loaded one after the other.
+    """Monitoring overhead, measured in pairs: both servers up at once, loaded together or in turns.
 
     Consecutive runs of the very same server differ here by up to 15% (a
     shared 2-core VM), more than the 5% to be judged. Loading the two
-    servers alternately (A B, then B A) puts both under the same conditions,
+    servers together (``--overhead-mode together``, see :func:`measure_together`)
+    or alternately (A B, then B A) puts both under the same conditions,
     and the median of the per-round ratios discards the odd disturbed round.
     A pair of servers also keeps a luck of its own for as long as it runs (one
     start measured 7% in every round, the next 1%, same code), so the pair is
-    started afresh every two rounds.
+    started afresh every two rounds. With several workers, a cell whose load
+    landed on one worker (:attr:`Cell.unbalanced`) is measured again, up to
+    :data:`MEASURE_ATTEMPTS` times, with new connections.
     """
     cells: list[Cell] = []
     for workers in config.workers:
         for first_round in range(0, config.overhead_rounds, 2):
-            specs = [server_spec(t, workers, free_port(), registry, version_dir, config.vigil_root)
+            specs = [server_spec(t, workers, free_port(), registry, version_dir, config.vigil_root,
+                                 config.vigil_settings)
                      for t in OVERHEAD_PAIR]
             with running_server(specs[0], config.ready_timeout) as first, \
                     running_server(specs[1], config.ready_timeout) as second:
@@ -703,29 +799,55 @@ def bench_overhead(config: Config, wrk: str, scripts: dict[int, Path], bodies: d
                     for spec, (url, _) in servers:
                         check_answer(url, bodies[instances], instances)
                     for round_ in range(first_round, min(first_round + 2, config.overhead_rounds)):
+                        if config.overhead_mode == "together":
+                            cells += measure_balanced(lambda: measure_together(
+                                servers, instances, config, wrk, scripts, round_))  # noqa: B023 - called at once
+                            continue
                         for spec, (url, server) in (servers if round_ % 2 == 0 else servers[::-1]):
-                            cells.append(measure_cell(spec, url, server, instances, OVERHEAD_CONNECTIONS, config,
-                                                      wrk, scripts, round_))
+                            cells += measure_balanced(lambda: [measure_cell(  # noqa: B023 - called at once
+                                spec, url, server, instances, OVERHEAD_CONNECTIONS, config, wrk, scripts, round_)])
     return cells
 
 
+def measure_balanced(measure: Callable[[], list[Cell]]) -> list[Cell]:
+    """``measure()``, again (new connections) while the load of a server landed on one of its workers."""
+    for attempt in range(1, MEASURE_ATTEMPTS + 1):
+        cells = measure()
+        if not any(cell.unbalanced for cell in cells):
+            break
+    return [replace(cell, attempts=attempt) for cell in cells]
+
+
 def overhead_check(cells: list[Cell], workers: int, instances: int) -> Check | None:
-    """``1 -`` the median over rounds of vigil / vigil-nometrics req/s, or None when not measured."""
-    name = (f"monitoring overhead, 1 - vigil / vigil-nometrics req/s, {workers} worker(s), {instances} instance(s), "
-            f"interleaved")
+    """Monitoring's cost from the paired rounds, or None when not measured.
+
+    Rounds taken in turns: ``1 -`` the median of vigil / vigil-nometrics
+    req/s. Rounds taken together: ``1 -`` the median of vigil-nometrics /
+    vigil server CPU time per request, the throughput a CPU-bound server
+    loses (their req/s are split by the scheduler; see :func:`measure_together`).
+    """
     rounds: dict[int, dict[str, Cell]] = {}
     for cell in cells:
         if (cell.workers, cell.instances) == (workers, instances) and cell.ok and cell.round is not None:
             rounds.setdefault(cell.round, {})[cell.target] = cell
-    pairs = [(r["vigil"], r["vigil-nometrics"]) for r in rounds.values() if len(r) == 2]
+    measured = [(r["vigil"], r["vigil-nometrics"]) for r in rounds.values() if len(r) == 2]
+    # A round where one server's load landed on one worker compares the kernel's luck, not the code.
+    pairs = [(a, b) for a, b in measured if not (a.unbalanced or b.unbalanced)]
     if not pairs:
         return None
-    ratios = sorted(a.requests_per_s / b.requests_per_s for a, b in pairs)
+    together = all(a.together for a, _ in pairs)
+    requests = sorted(a.requests_per_s / b.requests_per_s for a, b in pairs)
     cpu = sorted(b.cpu_ms_per_request / a.cpu_ms_per_request for a, b in pairs)
-    median = float(np.median(ratios))
-    detail = (f"median of {len(pairs)} rounds; per round {', '.join(f'{r:.3f}' for r in ratios)}; "
-              f"server CPU per request, nometrics / vigil: median {float(np.median(cpu)):.3f}")
-    return Check(name, 1 - median, MAX_MONITORING_OVERHEAD, False, detail,
+    judged, other = (cpu, requests) if together else (requests, cpu)
+    name = ("monitoring overhead, 1 - " + ("vigil-nometrics / vigil server CPU per request" if together
+                                            else "vigil / vigil-nometrics req/s")
+            + f", {workers} worker(s), {instances} instance(s), " + ("together" if together else "interleaved"))
+    left_out = len(measured) - len(pairs)
+    detail = (f"median of {len(pairs)} rounds; per round {', '.join(f'{r:.3f}' for r in judged)}; "
+              + (f"vigil / vigil-nometrics req/s: median {float(np.median(other)):.3f}" if together else
+                 f"server CPU per request, nometrics / vigil: median {float(np.median(other)):.3f}")
+              + (f"; {left_out} round(s) left out, unbalanced after {MEASURE_ATTEMPTS} tries" if left_out else ""))
+    return Check(name, 1 - float(np.median(judged)), MAX_MONITORING_OVERHEAD, False, detail,
                  any(a.disturbed or b.disturbed for a, b in pairs))
 
 
@@ -818,9 +940,9 @@ def evaluate(grid: Grid, overhead: Sequence[Cell] = ()) -> list[Check]:
             grid.peak("vigil", workers, BATCH), grid.inprocess.get(BATCH), MIN_VS_INPROCESS, rate="rows_per_s"))
     for workers in grid.workers() or sorted({c.workers for c in overhead}):
         for instances in grid.instances() or sorted({c.instances for c in overhead}):
-            interleaved = overhead_check(list(overhead), workers, instances)
-            if interleaved is not None:  # the robust measurement, when it was made
-                checks.append(interleaved)
+            paired = overhead_check(list(overhead), workers, instances)
+            if paired is not None:  # the robust measurement, when it was made
+                checks.append(paired)
                 continue
             checks.append(_compare(
                 f"monitoring overhead, 1 - vigil / vigil-nometrics req/s, {workers} worker(s), {instances} instance(s)",
@@ -882,9 +1004,10 @@ def checks_table(checks: list[Check]) -> list[str]:
 
 
 def overhead_table(cells: Sequence[Cell]) -> list[str]:
-    """Markdown table of the interleaved rounds: a row per (workers, instances, round)."""
-    lines = ["| workers | instances | round | vigil req/s (CPU ms) | vigil-nometrics req/s (CPU ms) | ratio |",
-             "|---|---|---|---|---|---|"]
+    """Markdown table of the paired rounds: a row per (workers, instances, round)."""
+    lines = ["| workers | instances | round | vigil req/s (CPU ms) | vigil-nometrics req/s (CPU ms) | req/s ratio "
+             "| CPU ratio (nometrics / vigil) |",
+             "|---|---|---|---|---|---|---|"]
     rounds: dict[tuple[int, int, int], dict[str, Cell]] = {}
     for cell in cells:
         rounds.setdefault((cell.workers, cell.instances, cell.round or 0), {})[cell.target] = cell
@@ -892,10 +1015,15 @@ def overhead_table(cells: Sequence[Cell]) -> list[str]:
         a, b = pair.get("vigil"), pair.get("vigil-nometrics")
 
         def shown(c: Cell | None) -> str:
-            return "-" if c is None else f"{c.requests_per_s:,.0f} ({c.cpu_ms_per_request:.3f})" + ("" if c.ok else " ⚠")
+            if c is None:
+                return "-"
+            return (f"{c.requests_per_s:,.0f} ({c.cpu_ms_per_request:.3f})" + ("" if c.ok else " ⚠")
+                    + (" ‡" if c.unbalanced else "") + (f" [{c.attempts} tries]" if c.attempts > 1 else ""))
 
-        ratio = f"{a.requests_per_s / b.requests_per_s:.3f}" if a is not None and b is not None else "-"
-        lines.append(f"| {workers} | {instances} | {round_} | {shown(a)} | {shown(b)} | {ratio} |")
+        ratio = cpu = "-"
+        if a is not None and b is not None:
+            ratio, cpu = f"{a.requests_per_s / b.requests_per_s:.3f}", f"{b.cpu_ms_per_request / a.cpu_ms_per_request:.3f}"
+        lines.append(f"| {workers} | {instances} | {round_} | {shown(a)} | {shown(b)} | {ratio} | {cpu} |")
     return lines
 
 
@@ -907,7 +1035,8 @@ def render_markdown(meta: dict[str, Any], grid: Grid, measured: Measurements, ch
         f"{meta['config']['duration']:g} s per cell after {meta['config']['warmup']:g} s warm-up, "
         f"wrk {meta['config']['wrk_threads']} thread(s); "
         f"bentoml {meta['versions']['bentoml']}, onnxruntime {meta['versions']['onnxruntime']}, "
-        f"Python {meta['versions']['python']}; Vigil {meta['vigil']}.",
+        f"Python {meta['versions']['python']}; Vigil {meta['vigil']}"
+        + "".join(f", {name}={value}" for name, value in meta["config"].get("vigil_settings", ())) + ".",
         "",
     ]
     for instances in grid.instances():
@@ -920,10 +1049,16 @@ def render_markdown(meta: dict[str, Any], grid: Grid, measured: Measurements, ch
         first_line = failure["error"].splitlines()[0] if failure["error"] else "?"
         lines += [f"**{failure['target']} ({failure['workers']} workers) could not be measured:** {first_line}", ""]
     if measured.overhead:
-        lines += [f"**Monitoring overhead, interleaved: vigil and vigil-nometrics up at once, loaded in turn at "
+        how = ("loaded together, each by its own wrk" if meta["config"].get("overhead_mode") == "together"
+               else "loaded in turn")
+        lines += [f"**Monitoring overhead, paired: vigil and vigil-nometrics up at once, {how}, at "
                   f"{OVERHEAD_CONNECTIONS} connections, {meta['config'].get('overhead_seconds', '?')} s per cell "
                   f"(req/s, server CPU ms/request)**", ""]
         lines += overhead_table(measured.overhead) + [""]
+        if any(c.workers > 1 for c in measured.overhead):
+            lines += [f"[k tries]: the first k-1 measurements had one worker using more than {MAX_BUSIEST_SHARE:.0%} "
+                      f"of the server's CPU and were taken again; ‡: still so after {MEASURE_ATTEMPTS} tries, and "
+                      "the round is left out of the median.", ""]
     if checks:
         lines += ["**Issue targets**", ""] + checks_table(checks) + [""]
     if any(c.disturbed for c in grid.cells) or any(r.disturbed for r in measured.inprocess):
@@ -994,7 +1129,8 @@ def measure(config: Config, wrk: str | None) -> Measurements:
         for workers in config.workers:
             for target in server_targets:
                 assert wrk is not None
-                spec = server_spec(target, workers, free_port(), registry, version_dir, config.vigil_root)
+                spec = server_spec(target, workers, free_port(), registry, version_dir, config.vigil_root,
+                                   config.vigil_settings)
                 try:
                     out.cells += bench_server(spec, config, wrk, scripts, bodies)
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
@@ -1002,11 +1138,11 @@ def measure(config: Config, wrk: str | None) -> Measurements:
                     out.failures.append({"target": target, "workers": workers, "error": str(exc)})
         if config.overhead_rounds and all(t in config.targets for t in OVERHEAD_PAIR):
             assert wrk is not None
-            print("monitoring overhead, interleaved:", flush=True)
+            print(f"monitoring overhead, paired ({config.overhead_mode}):", flush=True)
             try:
                 out.overhead = bench_overhead(config, wrk, scripts, bodies, registry, version_dir)
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                print(f"interleaved overhead FAILED: {exc}", flush=True)
+                print(f"paired overhead FAILED: {exc}", flush=True)
                 out.failures.append({"target": "overhead", "workers": 0, "error": str(exc)})
     return out
 
