@@ -172,6 +172,8 @@ class DeferredHistogram:
 
     def flush(self) -> None:
         """Add the new observations to the real child."""
+        if self.counts == self._flushed_counts:  # nothing observed since: one C comparison, not a Python loop
+            return
         for index, count in enumerate(self.counts):
             delta = count - self._flushed_counts[index]
             if delta:
@@ -615,9 +617,12 @@ class BoundModelMetrics:
     """Deferred children for one (model, version, variant), bound once: the request path's recorder.
 
     Call it from the worker's event loop only (see :class:`DeferredCounter`).
-    :meth:`record_call` and :meth:`record_predictions` only queue what they are
-    given; :meth:`count_queued` counts the queue into the children when the
-    worker flushes, one numpy pass for every request since the last flush.
+    :meth:`record_request`, :meth:`record_call` and :meth:`record_predictions`
+    only queue what they are given; :meth:`count_queued` counts the queues into
+    the children when the worker flushes, one numpy pass for every request
+    since the last flush. A request is one call to :meth:`record_request`: on a
+    single-row request each call, and each object it touches, is a measurable
+    share of monitoring's cost (``benchmarks/README.md``).
     """
 
     def __init__(self, metrics: VigilMetrics, card: ModelCard, variant: str) -> None:
@@ -636,9 +641,11 @@ class BoundModelMetrics:
                         for label in (card.labels or [])]
         self._missing = {f.name: metrics.counter(metrics.input_missing, name, f.name) for f in card.features}
         self._input_oor = {f.name: metrics.counter(metrics.input_out_of_range, name, f.name) for f in card.features}
-        # Queued for the flush: each model call's (seconds, size) as two doubles, and each call's output
-        # array (regression values, 1-D, or class probabilities, 2-D). Neither holds an object the garbage
-        # collector tracks, so the requests between two flushes add nothing to its collections.
+        # Queued for the flush: each request's (request seconds, model call seconds, instances in the
+        # call) as three doubles (NaN request seconds: a model call alone; 0 instances: no call), and each
+        # call's output array (regression values, 1-D, or class probabilities, 2-D). Neither holds an
+        # object the garbage collector tracks, so the requests between two flushes add nothing to its
+        # collections.
         self._calls = array("d")
         self._outputs: deque[np.ndarray] = deque()
         self._errors: dict[str, DeferredCounter] = {}
@@ -652,16 +659,30 @@ class BoundModelMetrics:
         for feature, count in out_of_range.items():
             self._input_oor[feature].inc(count)
 
-    def record_call(self, seconds: float, size: int) -> None:
-        """One model call: its duration and its batch size (counted at the next flush)."""
+    def record_request(self, seconds: float, call_seconds: float, call_size: int,
+                       answered: Predictions | None) -> None:
+        """One ``/predict`` request: its duration, its model call (``call_size`` 0: none) and what the model answered.
+
+        ``answered`` holds the model's valid outputs (None when it answered
+        nothing); everything is counted at the next flush.
+        """
         calls = self._calls
         calls.append(seconds)
-        calls.append(size)
-        if len(calls) >= 2 * QUEUE_LIMIT:
+        calls.append(call_seconds)
+        calls.append(call_size)
+        if answered is not None:
+            output = answered.values if answered.values is not None else answered.probabilities
+            if output is not None:
+                self._outputs.append(output)
+        if len(calls) >= 3 * QUEUE_LIMIT or len(self._outputs) >= QUEUE_LIMIT:
             self.metrics.flush()
 
+    def record_call(self, seconds: float, size: int) -> None:
+        """One model call outside :meth:`record_request` (a failed one, or the fallback's)."""
+        self.record_request(math.nan, seconds, size, None)
+
     def record_predictions(self, predictions: Predictions) -> None:
-        """Answered instances, by class or value (counted at the next flush; finite outputs only)."""
+        """Answered instances outside :meth:`record_request` (the fallback's), by class or value."""
         output = predictions.values if predictions.values is not None else predictions.probabilities
         if output is not None:
             self._outputs.append(output)
@@ -673,17 +694,22 @@ class BoundModelMetrics:
 
         The flushers are the only writers of these children and the only
         takers from the queues, and the event loop only appends: taking whole
-        pairs from the front of ``_calls`` (the loop may be between a call's two
-        appends) and ``popleft`` from ``_outputs`` never lose an item appended
-        meanwhile.
+        triples from the front of ``_calls`` (the loop may be between a
+        request's appends) and ``popleft`` from ``_outputs`` never lose an item
+        appended meanwhile.
         """
         calls = self._calls
-        taken = len(calls) & ~1
+        if not calls and not self._outputs:  # most flushes of a version that answered nothing meanwhile
+            return
+        taken = len(calls) - len(calls) % 3
         if taken:
-            figures = np.frombuffer(calls[:taken], dtype=np.float64).reshape(-1, 2)  # a copy: appends go on
+            figures = np.frombuffer(calls[:taken], dtype=np.float64).reshape(-1, 3)  # a copy: appends go on
             del calls[:taken]
-            self.inference_duration.observe_many(figures[:, 0])
-            self.batch_size.observe_many(figures[:, 1])
+            requests = figures[:, 0]
+            self.request_duration.observe_many(requests[~np.isnan(requests)])
+            called = figures[figures[:, 2] > 0]
+            self.inference_duration.observe_many(called[:, 1])
+            self.batch_size.observe_many(called[:, 2])
         outputs = _drain(self._outputs)
         values = [output for output in outputs if output.ndim == 1]
         if values:

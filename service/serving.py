@@ -52,6 +52,11 @@ class _Outcome:
     predictions: Predictions
     reasons: list[str | None]
     errored: bool = False  # the model raised or timed out
+    # What the request's metrics need (recorded once, at its end): the model call that answered
+    # (seconds, instances; 0 instances: no call answered) and its valid outputs.
+    call_seconds: float = 0.0
+    call_size: int = 0
+    answered: Predictions | None = None
 
 
 class ModelServer:
@@ -381,7 +386,7 @@ class ModelServer:
             self.predlog.append(_log_record(served, request, request_id, batch, outcome))
         seconds = time.perf_counter() - started
         if served.metrics is not None:
-            served.metrics.request_duration.observe(seconds)
+            served.metrics.record_request(seconds, outcome.call_seconds, outcome.call_size, outcome.answered)
         if entry.comparison is not None and entry.canary_traffic > 0:
             entry.comparison.variant(served.variant).record(
                 seconds, batch.size, sum(r is not None for r in outcome.reasons), outcome.errored,
@@ -402,14 +407,17 @@ class ModelServer:
             to_fallback["missing_input"] = everything[nulls]
             model_rows = everything[~nulls]
         parts: list[tuple[np.ndarray, Predictions]] = []
+        call_seconds, call_size = 0.0, 0
+        answered: Predictions | None = None
         if len(model_rows):
             sub = batch if len(model_rows) == n else _take(batch, model_rows)
-            predictions, failure = await self._call(served, entry.policy, sub)
+            predictions, failure, call_seconds = await self._call(served, entry.policy, sub)
             if failure is not None:
                 to_fallback[failure] = model_rows
                 served.breaker.record(False)
             else:
                 assert predictions is not None
+                call_size = sub.size
                 bad = invalid_rows(served.card, predictions, entry.policy.output_range_margin)
                 # One cheap count: any() and sum() cost ~1 µs each on a small array.
                 bad_count = int(np.count_nonzero(bad))
@@ -423,8 +431,7 @@ class ModelServer:
                     model_rows = model_rows[keep]
                 if len(model_rows):
                     parts.append((model_rows, predictions))
-                    if served.metrics is not None:
-                        served.metrics.record_predictions(predictions)
+                    answered = predictions
         reasons: list[str | None] = [None] * n
         for why, rows in to_fallback.items():
             if len(rows) == 0:
@@ -435,11 +442,15 @@ class ModelServer:
             for i in rows.tolist():
                 reasons[i] = why
         errored = "model_error" in to_fallback or "timeout" in to_fallback
-        return _Outcome(merge(n, parts), reasons, errored)
+        return _Outcome(merge(n, parts), reasons, errored, call_seconds, call_size, answered)
 
     async def _call(self, served: ServedVersion, policy: ModelPolicy,
-                    batch: Batch) -> tuple[Predictions | None, str | None]:
-        """Call the model within its time budget; returns (predictions, None) or (None, failure reason)."""
+                    batch: Batch) -> tuple[Predictions | None, str | None, float]:
+        """Call the model within its time budget: (predictions, None, seconds) or (None, failure reason, seconds).
+
+        A failed call is recorded here; a successful one by the request's
+        :meth:`BoundModelMetrics.record_request` once the request ends.
+        """
         assert served.predictor is not None
         budget = policy.timeout_ms / 1000
         started = time.perf_counter()
@@ -454,17 +465,17 @@ class ModelServer:
                 predictions, seconds = await loop.run_in_executor(
                     self._executor, _timed_predict, served.predictor, batch, budget)
         except ModelTimeout:
-            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline, True)
-            return None, "timeout"
+            seconds = time.perf_counter() - started
+            self._model_failed(served, "ModelTimeout", seconds, batch.size, inline, True)
+            return None, "timeout", seconds
         except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
-            self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size, inline)
+            seconds = time.perf_counter() - started
+            self._model_failed(served, type(exc).__name__, seconds, batch.size, inline)
             log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
-            return None, "model_error"
+            return None, "model_error", seconds
         served.note_call(seconds, started, inline)
-        if served.metrics is not None:
-            served.metrics.record_call(seconds, batch.size)
-        return predictions, None
+        return predictions, None, seconds
 
     def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int, inline: bool,
                       timed_out: bool = False) -> None:

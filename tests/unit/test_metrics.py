@@ -211,15 +211,36 @@ def test_queued_outputs_are_counted_exactly_while_another_thread_flushes(cards: 
     two = Predictions(labels=[0, 1], probabilities=np.array([[0.9, 0.1], [0.4, 0.6]]))
     with flushing_meanwhile(metrics):
         for i in range(30_000):  # more than QUEUE_LIMIT between some flushes, and flushes racing the appends
-            bound.record_predictions(one if i % 3 else two)
-            bound.record_call(0.001, 1 if i % 3 else 2)
+            if i % 3:
+                bound.record_request(0.002, 0.001, 1, one)
+            else:  # the fallback's way: call and outputs recorded apart
+                bound.record_call(0.001, 2)
+                bound.record_predictions(two)
     labels = {"model": "cancer", "version": "1", "variant": "stable"}
+    assert value(registry, "vigil_request_duration_seconds_count", model="cancer", version="1") == 20_000
     assert value(registry, "vigil_predictions_total", **labels) == 40_000
     assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "1"}) == 30_000
     assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "0"}) == 10_000
     assert value(registry, "vigil_prediction_value_count", **labels) == 40_000
     assert value(registry, "vigil_inference_duration_seconds_count", **labels) == 30_000
     assert value(registry, "vigil_batch_size_sum", model="cancer", version="1") == 40_000
+
+
+def test_a_request_records_its_duration_model_call_and_outputs(metrics: VigilMetrics, registry: CollectorRegistry,
+                                                               cards: dict[str, ModelCard]) -> None:
+    bound = metrics.bind(cards["cancer"], "stable")
+    two = Predictions(labels=[0, 1], probabilities=np.array([[0.9, 0.1], [0.4, 0.6]]))
+    bound.record_request(0.003, 0.001, 2, two)
+    bound.record_request(0.004, 0.0, 0, None)  # answered without a model call (e.g. by the fallback)
+    labels = {"model": "cancer", "version": "1"}
+    assert value(registry, "vigil_request_duration_seconds_count", **labels) == 2
+    assert value(registry, "vigil_request_duration_seconds_sum", **labels) == pytest.approx(0.007)
+    assert value(registry, "vigil_request_duration_seconds_bucket", **labels, le="0.0025") == 0
+    assert value(registry, "vigil_inference_duration_seconds_count", **labels, variant="stable") == 1
+    assert value(registry, "vigil_inference_duration_seconds_sum", **labels, variant="stable") == pytest.approx(0.001)
+    assert value(registry, "vigil_batch_size_sum", **labels) == 2
+    assert value(registry, "vigil_predictions_total", **labels, variant="stable") == 2
+    assert value(registry, "vigil_predicted_class_total", **labels, variant="stable", **{"class": "1"}) == 1
 
 
 def test_inputs_calls_errors_and_rejections(metrics: VigilMetrics, registry: CollectorRegistry,
