@@ -98,6 +98,7 @@ class Config:
     overhead_rounds: int
     overhead_seconds: int
     overhead_mode: str
+    overhead_control: bool
     vigil_root: Path
     vigil_commit: str | None
     vigil_settings: tuple[tuple[str, str], ...]
@@ -155,6 +156,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--overhead-mode", choices=("together", "turns"), default="together",
                         help="together (default): both servers loaded at once, each by its own wrk, judged by "
                              "server CPU time per request; turns: loaded one after the other, judged by req/s")
+    parser.add_argument("--overhead-control", action="store_true",
+                        help=f"A/A check of the harness: pair vigil with a second vigil ({CONTROL}, monitoring on) "
+                             "instead of vigil-nometrics; the measured 'overhead' should then be near 0")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each server, wait up to this long for other jobs to leave the CPU (default 0)")
     which = parser.add_mutually_exclusive_group()
@@ -186,6 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         overhead_rounds=max(0, args.overhead_rounds if args.overhead_rounds is not None else (0 if quick else 10)),
         overhead_seconds=max(1, args.overhead_seconds or 4),
         overhead_mode=args.overhead_mode,
+        overhead_control=args.overhead_control,
         vigil_root=args.vigil_root.resolve(),
         vigil_commit=args.vigil_commit,
         vigil_settings=tuple(args.vigil_setting),
@@ -450,9 +455,9 @@ def server_spec(target: str, workers: int, port: int, registry: Path, version_di
     ``settings`` are ``VIGIL_`` variables for the Vigil targets.
     """
     env = vigil_env(vigil_root)
-    if target in ("vigil", "vigil-nometrics"):
+    if target in ("vigil", "vigil-nometrics", CONTROL):
         env.update(settings)
-        env["VIGIL_METRICS_ENABLED"] = "true" if target == "vigil" else "false"
+        env["VIGIL_METRICS_ENABLED"] = "false" if target == "vigil-nometrics" else "true"
         # What the `vigil` console script runs, importing Vigil from vigil_root.
         argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--host", HOST,
                 "--registry", str(registry), "--workers", str(workers)]
@@ -769,6 +774,8 @@ def measure_together(servers: Sequence[tuple[ServerSpec, tuple[str, psutil.Proce
 
 OVERHEAD_CONNECTIONS = 16
 OVERHEAD_PAIR = ("vigil", "vigil-nometrics")
+CONTROL = "vigil-control"
+"""A second ``vigil``, monitoring on, paired with the first by ``--overhead-control``: an A/A run of the harness."""
 
 
 def bench_overhead(config: Config, wrk: str, scripts: dict[int, Path], bodies: dict[int, bytes],
@@ -791,7 +798,7 @@ def bench_overhead(config: Config, wrk: str, scripts: dict[int, Path], bodies: d
         for first_round in range(0, config.overhead_rounds, 2):
             specs = [server_spec(t, workers, free_port(), registry, version_dir, config.vigil_root,
                                  config.vigil_settings)
-                     for t in OVERHEAD_PAIR]
+                     for t in (OVERHEAD_PAIR[0], CONTROL if config.overhead_control else OVERHEAD_PAIR[1])]
             with running_server(specs[0], config.ready_timeout) as first, \
                     running_server(specs[1], config.ready_timeout) as second:
                 servers = list(zip(specs, (first, second)))
@@ -830,7 +837,8 @@ def overhead_check(cells: list[Cell], workers: int, instances: int) -> Check | N
     for cell in cells:
         if (cell.workers, cell.instances) == (workers, instances) and cell.ok and cell.round is not None:
             rounds.setdefault(cell.round, {})[cell.target] = cell
-    measured = [(r["vigil"], r["vigil-nometrics"]) for r in rounds.values() if len(r) == 2]
+    base = _baseline(cells)
+    measured = [(r["vigil"], r[base]) for r in rounds.values() if len(r) == 2]
     # A round where one server's load landed on one worker compares the kernel's luck, not the code.
     pairs = [(a, b) for a, b in measured if not (a.unbalanced or b.unbalanced)]
     if not pairs:
@@ -839,13 +847,13 @@ def overhead_check(cells: list[Cell], workers: int, instances: int) -> Check | N
     requests = sorted(a.requests_per_s / b.requests_per_s for a, b in pairs)
     cpu = sorted(b.cpu_ms_per_request / a.cpu_ms_per_request for a, b in pairs)
     judged, other = (cpu, requests) if together else (requests, cpu)
-    name = ("monitoring overhead, 1 - " + ("vigil-nometrics / vigil server CPU per request" if together
-                                            else "vigil / vigil-nometrics req/s")
+    name = ("monitoring overhead, 1 - " + (f"{base} / vigil server CPU per request" if together
+                                            else f"vigil / {base} req/s")
             + f", {workers} worker(s), {instances} instance(s), " + ("together" if together else "interleaved"))
     left_out = len(measured) - len(pairs)
     detail = (f"median of {len(pairs)} rounds; per round {', '.join(f'{r:.3f}' for r in judged)}; "
-              + (f"vigil / vigil-nometrics req/s: median {float(np.median(other)):.3f}" if together else
-                 f"server CPU per request, nometrics / vigil: median {float(np.median(other)):.3f}")
+              + (f"vigil / {base} req/s: median {float(np.median(other)):.3f}" if together else
+                 f"server CPU per request, {base} / vigil: median {float(np.median(other)):.3f}")
               + (f"; {left_out} round(s) left out, unbalanced after {MEASURE_ATTEMPTS} tries" if left_out else ""))
     return Check(name, 1 - float(np.median(judged)), MAX_MONITORING_OVERHEAD, False, detail,
                  any(a.disturbed or b.disturbed for a, b in pairs))
@@ -1003,16 +1011,22 @@ def checks_table(checks: list[Check]) -> list[str]:
     return lines
 
 
+def _baseline(cells: Sequence[Cell]) -> str:
+    """The target ``vigil`` was paired with: ``vigil-nometrics``, or :data:`CONTROL` in an A/A run."""
+    return CONTROL if any(cell.target == CONTROL for cell in cells) else OVERHEAD_PAIR[1]
+
+
 def overhead_table(cells: Sequence[Cell]) -> list[str]:
     """Markdown table of the paired rounds: a row per (workers, instances, round)."""
-    lines = ["| workers | instances | round | vigil req/s (CPU ms) | vigil-nometrics req/s (CPU ms) | req/s ratio "
-             "| CPU ratio (nometrics / vigil) |",
+    base = _baseline(cells)
+    lines = [f"| workers | instances | round | vigil req/s (CPU ms) | {base} req/s (CPU ms) | req/s ratio "
+             f"| CPU ratio ({base} / vigil) |",
              "|---|---|---|---|---|---|---|"]
     rounds: dict[tuple[int, int, int], dict[str, Cell]] = {}
     for cell in cells:
         rounds.setdefault((cell.workers, cell.instances, cell.round or 0), {})[cell.target] = cell
     for (workers, instances, round_), pair in sorted(rounds.items()):
-        a, b = pair.get("vigil"), pair.get("vigil-nometrics")
+        a, b = pair.get("vigil"), pair.get(base)
 
         def shown(c: Cell | None) -> str:
             if c is None:
@@ -1051,7 +1065,7 @@ def render_markdown(meta: dict[str, Any], grid: Grid, measured: Measurements, ch
     if measured.overhead:
         how = ("loaded together, each by its own wrk" if meta["config"].get("overhead_mode") == "together"
                else "loaded in turn")
-        lines += [f"**Monitoring overhead, paired: vigil and vigil-nometrics up at once, {how}, at "
+        lines += [f"**Monitoring overhead, paired: vigil and {_baseline(measured.overhead)} up at once, {how}, at "
                   f"{OVERHEAD_CONNECTIONS} connections, {meta['config'].get('overhead_seconds', '?')} s per cell "
                   f"(req/s, server CPU ms/request)**", ""]
         lines += overhead_table(measured.overhead) + [""]
