@@ -4,7 +4,7 @@ Usage::
 
     metrics = VigilMetrics(registry=CollectorRegistry())
     bound = metrics.bind(card, variant="stable")   # once per model version
-    bound.record_predictions(predictions)           # on the request path
+    bound.record_request(seconds, call_seconds, call_size, predictions)   # once per /predict request
 
 Label values come from bounded sets only (model, version, variant, reason,
 feature, class, worker, kind) — never from request data. Children are bound
@@ -208,7 +208,10 @@ class EndpointRecorder:
     :meth:`started` and :meth:`finished` write straight into the endpoint's
     deferred children, and the latter checks whether a flush is due: one call
     each, where six calls before were a fifth of monitoring's instructions on a
-    single-row prediction. Only the worker's event loop calls them (see :class:`DeferredCounter`).
+    single-row prediction (so :meth:`finished` does inline what
+    :meth:`DeferredHistogram.observe` and :meth:`DeferredCounter.inc` do; the
+    endpoint test pins their semantics). Only the worker's event loop calls them
+    (see :class:`DeferredCounter`).
     """
 
     __slots__ = ("metrics", "endpoint", "in_progress", "duration", "_answered")
@@ -225,7 +228,13 @@ class EndpointRecorder:
         self.in_progress.value += 1
 
     def finished(self, method: str, status: int, seconds: float, now: float) -> None:
-        """The request ended after ``seconds`` with ``status``; ``now`` is ``time.perf_counter()``."""
+        """The request ended after ``seconds`` with ``status``; ``now`` is ``time.perf_counter()``.
+
+        Flushes when ``flush_seconds`` have passed since the last flush: the
+        only check of a busy worker, so it flushes on its own event loop (a
+        flushing thread waking ten times a second had to take the interpreter
+        lock from the loop each time).
+        """
         self.in_progress.value -= 1
         duration = self.duration
         duration.counts[bisect_left(duration.bounds, seconds)] += 1
@@ -236,7 +245,7 @@ class EndpointRecorder:
                 self.metrics.http_requests, self.endpoint, method, str(status))
         answered.total += 1
         metrics = self.metrics
-        if now - metrics._flushed_at >= metrics.flush_seconds:  # flush_if_due(), without a call per request
+        if now - metrics._flushed_at >= metrics.flush_seconds:
             metrics.flush()
 
 
@@ -455,16 +464,6 @@ class VigilMetrics:
             for child in list(self._deferred.values()):
                 child.flush()
 
-    def flush_if_due(self, now: float) -> None:
-        """Flush when ``flush_seconds`` have passed since the last flush (``now``: ``time.perf_counter()``).
-
-        Called by the request path after each request, so a busy worker flushes
-        on its own event loop: a flushing thread waking ten times a second had
-        to take the interpreter lock from the loop each time.
-        """
-        if now - self._flushed_at >= self.flush_seconds:
-            self.flush()
-
     def start_flushing(self, interval: float | None = None) -> None:
         """Flush from a daemon thread whenever ``interval`` seconds pass without a flush, until :meth:`stop_flushing`.
 
@@ -617,12 +616,12 @@ class BoundModelMetrics:
     """Deferred children for one (model, version, variant), bound once: the request path's recorder.
 
     Call it from the worker's event loop only (see :class:`DeferredCounter`).
-    :meth:`record_request`, :meth:`record_call` and :meth:`record_predictions`
-    only queue what they are given; :meth:`count_queued` counts the queues into
-    the children when the worker flushes, one numpy pass for every request
-    since the last flush. A request is one call to :meth:`record_request`: on a
-    single-row request each call, and each object it touches, is a measurable
-    share of monitoring's cost (``benchmarks/README.md``).
+    :meth:`record_request` and :meth:`record_call` only queue what they are
+    given; :meth:`count_queued` counts the queue into the children when the
+    worker flushes, one numpy pass for every request since the last flush. A
+    request is one call to :meth:`record_request`: on a single-row request each
+    call, and each object it touches, is a measurable share of monitoring's
+    cost (``benchmarks/README.md``).
     """
 
     def __init__(self, metrics: VigilMetrics, card: ModelCard, variant: str) -> None:
@@ -677,17 +676,9 @@ class BoundModelMetrics:
         if len(calls) >= 3 * QUEUE_LIMIT or len(self._outputs) >= QUEUE_LIMIT:
             self.metrics.flush()
 
-    def record_call(self, seconds: float, size: int) -> None:
-        """One model call outside :meth:`record_request` (a failed one, or the fallback's)."""
-        self.record_request(math.nan, seconds, size, None)
-
-    def record_predictions(self, predictions: Predictions) -> None:
-        """Answered instances outside :meth:`record_request` (the fallback's), by class or value."""
-        output = predictions.values if predictions.values is not None else predictions.probabilities
-        if output is not None:
-            self._outputs.append(output)
-            if len(self._outputs) >= QUEUE_LIMIT:
-                self.metrics.flush()
+    def record_call(self, seconds: float, size: int, answered: Predictions | None = None) -> None:
+        """One model call outside :meth:`record_request` (a failed one, or the fallback's, with its outputs)."""
+        self.record_request(math.nan, seconds, size, answered)
 
     def count_queued(self) -> None:
         """Count every queued call and output into the children; called by the flush, under its lock.

@@ -446,7 +446,7 @@ class ModelServer:
 
     async def _call(self, served: ServedVersion, policy: ModelPolicy,
                     batch: Batch) -> tuple[Predictions | None, str | None, float]:
-        """Call the model within its time budget: (predictions, None, seconds) or (None, failure reason, seconds).
+        """Call the model within its time budget: (predictions, None, seconds) or (None, failure reason, 0.0).
 
         A failed call is recorded here; a successful one by the request's
         :meth:`BoundModelMetrics.record_request` once the request ends.
@@ -465,15 +465,13 @@ class ModelServer:
                 predictions, seconds = await loop.run_in_executor(
                     self._executor, _timed_predict, served.predictor, batch, budget)
         except ModelTimeout:
-            seconds = time.perf_counter() - started
-            self._model_failed(served, "ModelTimeout", seconds, batch.size, inline, True)
-            return None, "timeout", seconds
+            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline, True)
+            return None, "timeout", 0.0
         except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
-            seconds = time.perf_counter() - started
-            self._model_failed(served, type(exc).__name__, seconds, batch.size, inline)
+            self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size, inline)
             log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
-            return None, "model_error", seconds
+            return None, "model_error", 0.0
         served.note_call(seconds, started, inline)
         return predictions, None, seconds
 
@@ -488,8 +486,7 @@ class ModelServer:
         started = time.perf_counter()
         predictions = served.fallback.predict(batch)
         if served.fallback_metrics is not None:
-            served.fallback_metrics.record_call(time.perf_counter() - started, batch.size)
-            served.fallback_metrics.record_predictions(predictions)
+            served.fallback_metrics.record_call(time.perf_counter() - started, batch.size, predictions)
             served.fallback_metrics.record_fallback(reason, batch.size)
         return predictions
 

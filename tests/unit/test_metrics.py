@@ -67,7 +67,7 @@ def test_classifier_predictions_count_classes_and_scores(metrics: VigilMetrics, 
                                                          cards: dict[str, ModelCard]) -> None:
     bound = metrics.bind(cards["cancer"], "stable")
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [np.nan, np.nan]])
-    bound.record_predictions(Predictions(labels=[0, 1, 1, 0], probabilities=probs))
+    bound.record_request(0.002, 0.001, 4, Predictions(labels=[0, 1, 1, 0], probabilities=probs))
     bound.record_invalid_outputs(1)
     labels = {"model": "cancer", "version": "1", "variant": "stable"}
     assert value(registry, "vigil_predictions_total", **labels) == 4
@@ -84,7 +84,7 @@ def test_regression_values_and_fallbacks(metrics: VigilMetrics, registry: Collec
     assert card.prediction_range is not None
     lo, hi = card.prediction_range.min, card.prediction_range.max
     bound = metrics.bind(card, "stable")
-    bound.record_predictions(Predictions(values=np.array([lo, (lo + hi) / 2, hi + 1000, np.inf, np.nan])))
+    bound.record_request(0.002, 0.001, 5, Predictions(values=np.array([lo, (lo + hi) / 2, hi + 1000, np.inf, np.nan])))
     bound.record_invalid_outputs(3)
     bound.record_fallback("invalid_output", 3)
     bound.record_fallback("invalid_output", 1)
@@ -107,9 +107,9 @@ def test_prediction_buckets_come_from_reference_deciles(cards: dict[str, ModelCa
 
 def test_two_models_with_different_buckets_export_one_family(metrics: VigilMetrics, registry: CollectorRegistry,
                                                              cards: dict[str, ModelCard]) -> None:
-    metrics.bind(cards["cancer"], "stable").record_predictions(
-        Predictions(labels=[1], probabilities=np.array([[0.4, 0.6]])))
-    metrics.bind(cards["diabetes"], "stable").record_predictions(Predictions(values=np.array([150.0])))
+    metrics.bind(cards["cancer"], "stable").record_request(
+        0.002, 0.001, 1, Predictions(labels=[1], probabilities=np.array([[0.4, 0.6]])))
+    metrics.bind(cards["diabetes"], "stable").record_request(0.002, 0.001, 1, Predictions(values=np.array([150.0])))
     families = [f for f in registry.collect() if f.name == "vigil_prediction_value"]
     assert len(families) == 1
     models = {s.labels["model"] for s in families[0].samples}
@@ -179,13 +179,14 @@ def test_flushing_from_another_thread_loses_and_doubles_nothing() -> None:
 
 def test_a_busy_worker_flushes_at_its_configured_interval() -> None:
     registry, metrics, deferred = one_counter(5.0)
+    request_ended = metrics.endpoint("/predict").finished  # what the edge calls after each request
     metrics.flush()
     deferred.inc()
-    metrics.flush_if_due(time.perf_counter())
+    request_ended("POST", 200, 0.001, time.perf_counter())
     assert registry.get_sample_value("c_total") == 0  # not yet: the last flush was just now
-    metrics.flush_if_due(time.perf_counter() + 1.0)
+    request_ended("POST", 200, 0.001, time.perf_counter() + 1.0)
     assert registry.get_sample_value("c_total") == 0  # 1 s later: past the default 0.1 s, not past 5 s
-    metrics.flush_if_due(time.perf_counter() + 5.0)
+    request_ended("POST", 200, 0.001, time.perf_counter() + 5.0)
     assert registry.get_sample_value("c_total") == 1
 
 
@@ -213,9 +214,8 @@ def test_queued_outputs_are_counted_exactly_while_another_thread_flushes(cards: 
         for i in range(30_000):  # more than QUEUE_LIMIT between some flushes, and flushes racing the appends
             if i % 3:
                 bound.record_request(0.002, 0.001, 1, one)
-            else:  # the fallback's way: call and outputs recorded apart
-                bound.record_call(0.001, 2)
-                bound.record_predictions(two)
+            else:  # the fallback's way: a call with its outputs, no request
+                bound.record_call(0.001, 2, two)
     labels = {"model": "cancer", "version": "1", "variant": "stable"}
     assert value(registry, "vigil_request_duration_seconds_count", model="cancer", version="1") == 20_000
     assert value(registry, "vigil_predictions_total", **labels) == 40_000
