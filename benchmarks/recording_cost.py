@@ -1,11 +1,13 @@
 """Where monitoring's per-request cost goes: the request path in one process, parts of its recording switched off in turn.
 
 No HTTP server: Vigil's edge middleware and handler are driven directly with a
-single-row (or ``--instances``) ``POST /predict``, monitoring on. Blocks of
-``--block`` requests run with each variant in turn (the full recording, the
-handler's ``record_request`` as a no-op, the edge recorder's ``started`` /
-``finished`` as no-ops, both), ``--cycles`` times, and the median process CPU
-time per request of each variant is printed beside its difference to "none".
+single-row (or ``--instances``) ``POST /predict``. Blocks of ``--block``
+requests run with each variant in turn (monitoring on; the handler's
+``record_request`` call made but doing nothing; monitoring off, as with
+``VIGIL_METRICS_ENABLED=false``), ``--cycles`` times, and the median process
+CPU time per request of each variant is printed beside its difference to
+"monitoring off". The edge's recording is written inline (no call to switch
+off), so it is what "no handler recording" has beyond "monitoring off".
 Taking turns in one process keeps the machine's drifts (10-30% over tens of
 seconds on the project's VM) out of the differences; what is left is about
 ±1-2 µs from run to run, enough to see which part costs microseconds, not
@@ -33,17 +35,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import ROOT, feature_rows, model_dir, model_registry, request_body  # noqa: E402 - this directory's module
 
-PARTS = {
-    "handler": ("BoundModelMetrics", "record_request"),
-    "edge_started": ("EndpointRecorder", "started"),
-    "edge_finished": ("EndpointRecorder", "finished"),
-}
-VARIANTS = {
-    "full": (),
-    "no handler recording": ("handler",),
-    "no edge recording": ("edge_started", "edge_finished"),
-    "none": tuple(PARTS),
-}
+VARIANTS = ("full", "no handler recording", "monitoring off")
+"""Monitoring on; the handler's recording call doing nothing; no recorder at all (see :func:`_recorders`)."""
 
 
 def _noop(*_args: Any) -> None:
@@ -54,8 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--registry", type=Path, help="a registry holding 'cancer' (default: train the examples)")
     parser.add_argument("--instances", type=int, default=1, help="instances per request (default 1)")
-    parser.add_argument("--block", type=int, default=1000, help="requests per measured block (default 1000)")
-    parser.add_argument("--cycles", type=int, default=25, help="blocks per variant (default 25)")
+    parser.add_argument("--block", type=int, default=200, help="requests per measured block (default 200)")
+    parser.add_argument("--cycles", type=int, default=150, help="blocks per variant (default 150)")
     return parser.parse_args(argv)
 
 
@@ -83,8 +76,7 @@ async def _run(service: Any, edge: Any, metrics: Any, body: bytes, block: int,
     async def not_used(_scope: Any, _receive: Any, _send: Any) -> None:
         raise AssertionError("/predict is answered by the edge")
 
-    middleware = edge.EdgeMiddleware(not_used)
-    middleware._service, middleware._direct = service, True  # what the first request finds in a worker
+    middleware = edge.EdgeMiddleware(not_used, service)
     scope = {"type": "http", "path": "/predict", "method": "POST",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
     message = {"type": "http.request", "body": body, "more_body": False}
@@ -95,12 +87,13 @@ async def _run(service: Any, edge: Any, metrics: Any, body: bytes, block: int,
     async def send(_message: dict[str, Any]) -> None:
         return None
 
-    originals: dict[str, Callable[..., Any]] = {
-        part: getattr(getattr(metrics, cls), name) for part, (cls, name) in PARTS.items()}
+    record_request: Callable[..., Any] = metrics.BoundModelMetrics.record_request
+    recorders = _recorders(service)
 
     def use(variant: str) -> None:
-        for part, (cls, name) in PARTS.items():
-            setattr(getattr(metrics, cls), name, _noop if part in VARIANTS[variant] else originals[part])
+        metrics.BoundModelMetrics.record_request = _noop if variant == "no handler recording" else record_request
+        for holder, attr, recorder in recorders:
+            setattr(holder, attr, None if variant == "monitoring off" else recorder)
 
     for _ in range(3 * block):  # warm-up: caches, lazy imports, the inline-call decision
         await middleware(scope, receive, send)
@@ -120,15 +113,25 @@ async def _run(service: Any, edge: Any, metrics: Any, body: bytes, block: int,
     return results
 
 
+def _recorders(service: Any) -> list[tuple[Any, str, Any]]:
+    """Every (object, attribute, recorder) monitoring hangs on the request path (the service, versions)."""
+    holders = [(service, "metrics"), (service.server, "metrics")]
+    for entry in service.server.models.values():
+        for served in (entry.stable, entry.canary):
+            if served is not None:
+                holders += [(served, "metrics"), (served, "fallback_metrics")]
+    return [(holder, attr, getattr(holder, attr)) for holder, attr in holders]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with model_registry(args.registry, ROOT) as registry:
         results = measure(registry, args.instances, args.block, args.cycles)
-    base = statistics.median(results["none"])
+    base = statistics.median(results["monitoring off"])
     print(f"CPU per request, {args.instances} instance(s), median of {args.cycles} blocks of {args.block}:")
     for variant, values in results.items():
         median = statistics.median(values)
-        print(f"  {variant:<22} {median:8.2f} µs   {median - base:+6.2f} µs against 'none'")
+        print(f"  {variant:<22} {median:8.2f} µs   {median - base:+6.2f} µs against 'monitoring off'")
     return 0
 
 

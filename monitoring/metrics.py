@@ -16,7 +16,7 @@ first by the worker answering ``/metrics``), so recording costs no lock,
 syscall or file write. A model call's duration, batch size and outputs are not
 even counted per request: they are queued as they are and counted with numpy
 for all requests at once when the worker flushes; the HTTP metrics of each
-endpoint take two calls per request (:class:`EndpointRecorder`).
+endpoint are queued the same way, by the edge itself (:class:`EndpointRecorder`).
 
 Under BentoML every worker writes its own files in ``PROMETHEUS_MULTIPROC_DIR``
 and ``/metrics`` merges them: counters and histograms sum across workers; each
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-FLUSH_SECONDS = 0.1
+FLUSH_SECONDS = 1.0
 """Default of how often a busy worker writes its deferred metric values to the shared files.
 
 See :class:`DeferredCounter`; the service takes it from ``VIGIL_METRICS_FLUSH_SECONDS``."""
@@ -202,51 +202,66 @@ class _FlushBeforeCollect:
         return []
 
 
-class EndpointRecorder:
-    """The HTTP metrics of one endpoint (a bounded label value): two calls per request, no I/O.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other")
+"""Values of the ``method`` label; any other method is counted as ``other``."""
+METHOD_CODES = {method: code for code, method in enumerate(HTTP_METHODS[:-1])}
+"""A method's code in :attr:`EndpointRecorder.done` (``METHOD_CODES.get(method, OTHER_METHOD)``)."""
+OTHER_METHOD = len(HTTP_METHODS) - 1
 
-    :meth:`started` and :meth:`finished` write straight into the endpoint's
-    deferred children, and the latter checks whether a flush is due: one call
-    each, where six calls before were a fifth of monitoring's instructions on a
-    single-row prediction (so :meth:`finished` does inline what
-    :meth:`DeferredHistogram.observe` and :meth:`DeferredCounter.inc` do; the
-    endpoint test pins their semantics). Only the worker's event loop calls them
-    (see :class:`DeferredCounter`).
+
+class EndpointRecorder:
+    """The HTTP metrics of one endpoint (a bounded label value), recorded without a call per request.
+
+    A Python call costs more on a request's path than the recording it makes
+    (an in-process test measured 2-2.5 µs of a ~100 µs single-row request
+    for the three calls this class took before; ``benchmarks/README.md``), so the edge writes
+    two attributes itself: :attr:`active` goes up by one when a request begins and down
+    when it ends, and :attr:`done` is extended by the ended request's
+    ``(METHOD_CODES.get(method, OTHER_METHOD), status, seconds)``. The flush
+    exports :attr:`active` as the in-progress gauge and counts :attr:`done` into
+    the duration histogram and the status counters with numpy (:meth:`count_done`).
+    Only the worker's event loop writes them (see :class:`DeferredCounter`).
     """
 
-    __slots__ = ("metrics", "endpoint", "in_progress", "duration", "_answered")
+    __slots__ = ("metrics", "endpoint", "active", "done", "_in_progress", "_duration", "_answered")
 
     def __init__(self, metrics: VigilMetrics, endpoint: str) -> None:
         self.metrics = metrics
         self.endpoint = endpoint
-        self.in_progress = metrics.gauge(metrics.http_in_progress, endpoint)
-        self.duration = metrics.histogram(metrics.http_duration, endpoint)
-        self._answered: dict[tuple[str, int], DeferredCounter] = {}
+        self.active = 0
+        """Requests to the endpoint begun and not yet ended in this worker."""
+        self.done = array("d")
+        """Ended requests not yet counted, three numbers each: method code, status, seconds."""
+        self._in_progress = metrics.gauge(metrics.http_in_progress, endpoint)
+        self._duration = metrics.histogram(metrics.http_duration, endpoint)
+        self._answered: dict[float, DeferredCounter] = {}
 
-    def started(self) -> None:
-        """A request to the endpoint began."""
-        self.in_progress.value += 1
+    def record(self, method: str, status: int, seconds: float) -> None:
+        """Queue one ended request (what the edge does inline; for callers off the hot path)."""
+        self.done.extend((METHOD_CODES.get(method, OTHER_METHOD), status, seconds))
 
-    def finished(self, method: str, status: int, seconds: float, now: float) -> None:
-        """The request ended after ``seconds`` with ``status``; ``now`` is ``time.perf_counter()``.
+    def count_done(self) -> None:
+        """Count the queued requests into the children; called by the flush, under its lock.
 
-        Flushes when ``flush_seconds`` have passed since the last flush: the
-        only check of a busy worker, so it flushes on its own event loop (a
-        flushing thread waking ten times a second had to take the interpreter
-        lock from the loop each time).
+        Whole triples are taken from the front of :attr:`done` while the event
+        loop may append behind them (see :meth:`BoundModelMetrics.count_queued`).
         """
-        self.in_progress.value -= 1
-        duration = self.duration
-        duration.counts[bisect_left(duration.bounds, seconds)] += 1
-        duration.sum += seconds
-        answered = self._answered.get((method, status))
-        if answered is None:
-            answered = self._answered[(method, status)] = self.metrics.counter(
-                self.metrics.http_requests, self.endpoint, method, str(status))
-        answered.total += 1
-        metrics = self.metrics
-        if now - metrics._flushed_at >= metrics.flush_seconds:
-            metrics.flush()
+        self._in_progress.value = self.active
+        done = self.done
+        taken = len(done) - len(done) % 3
+        if not taken:
+            return
+        figures = np.frombuffer(done[:taken], dtype=np.float64).reshape(-1, 3)  # a copy: appends go on
+        del done[:taken]
+        self._duration.observe_many(figures[:, 2])
+        keys, counts = np.unique(figures[:, 0] * 1000 + figures[:, 1], return_counts=True)
+        for key, count in zip(keys.tolist(), counts.tolist()):
+            answered = self._answered.get(key)
+            if answered is None:
+                method, status = divmod(int(key), 1000)
+                answered = self._answered[key] = self.metrics.counter(
+                    self.metrics.http_requests, self.endpoint, HTTP_METHODS[method], str(status))
+            answered.inc(count)
 
 
 class VigilMetrics:
@@ -259,9 +274,12 @@ class VigilMetrics:
         self._deferred: dict[tuple[int, tuple[str, ...]], Deferred] = {}
         self._bound: dict[tuple[str, str, str, str], BoundModelMetrics] = {}
         self._endpoints: dict[str, EndpointRecorder] = {}
-        self._flush_lock = threading.Lock()
+        # Re-entrant: the flush creates the status counters of new (method, status) pairs.
+        self._flush_lock = threading.RLock()
         self._flushing = threading.Event()
         self._flushed_at = 0.0
+        self.flush_due = 0.0
+        """``time.perf_counter()`` from which the request path flushes (the edge checks it after each request)."""
         if r is not None:
             r.register(_FlushBeforeCollect(self))
         self.http_requests = Counter(
@@ -458,9 +476,12 @@ class VigilMetrics:
         writes only the difference since its previous flush.
         """
         with self._flush_lock:
-            self._flushed_at = time.perf_counter()
+            self._flushed_at = now = time.perf_counter()
+            self.flush_due = now + self.flush_seconds
             for bound in list(self._bound.values()):
                 bound.count_queued()
+            for endpoint in list(self._endpoints.values()):
+                endpoint.count_done()  # may create status counters: before the children are listed
             for child in list(self._deferred.values()):
                 child.flush()
 
@@ -602,14 +623,9 @@ class _MergedFamily:
 
 
 def _drain(queue: deque[Any]) -> list[Any]:
-    """Everything in ``queue``, taken from the left until it is empty (safe against appends meanwhile)."""
-    items = []
+    """The items in ``queue`` now, taken from the left (items appended meanwhile stay for the next drain)."""
     take = queue.popleft
-    try:
-        while True:
-            items.append(take())
-    except IndexError:
-        return items
+    return [take() for _ in range(len(queue))]
 
 
 class BoundModelMetrics:
@@ -635,7 +651,8 @@ class BoundModelMetrics:
         self.prediction_value = metrics.histogram(
             metrics.prediction_value_family(prediction_buckets(card)), name, version, variant)
         self.out_of_range = metrics.counter(metrics.prediction_out_of_range, name, version)
-        self.binary = card.task == "classification" and len(card.labels or []) == 2
+        self.regression = card.task != "classification"
+        self.binary = not self.regression and len(card.labels or []) == 2
         self.classes = [metrics.counter(metrics.predicted_class, name, version, variant, str(label))
                         for label in (card.labels or [])]
         self._missing = {f.name: metrics.counter(metrics.input_missing, name, f.name) for f in card.features}
@@ -666,11 +683,10 @@ class BoundModelMetrics:
         nothing); everything is counted at the next flush.
         """
         calls = self._calls
-        calls.append(seconds)
-        calls.append(call_seconds)
-        calls.append(call_size)
+        calls.extend((seconds, call_seconds, call_size))
         if answered is not None:
-            output = answered.values if answered.values is not None else answered.probabilities
+            # One kind per version (values or probabilities, by the card's task): the flush joins them all at once.
+            output = answered.values if self.regression else answered.probabilities
             if output is not None:
                 self._outputs.append(output)
         if len(calls) >= 3 * QUEUE_LIMIT or len(self._outputs) >= QUEUE_LIMIT:
@@ -702,21 +718,19 @@ class BoundModelMetrics:
             self.inference_duration.observe_many(called[:, 1])
             self.batch_size.observe_many(called[:, 2])
         outputs = _drain(self._outputs)
-        values = [output for output in outputs if output.ndim == 1]
-        if values:
-            joined = np.concatenate(values)
+        if not outputs:
+            return
+        joined = np.concatenate(outputs)
+        self.predictions.inc(len(joined))
+        if self.regression:
             self.prediction_value.observe_many(joined[np.isfinite(joined)])
-            self.predictions.inc(len(joined))
-        probabilities = [output for output in outputs if output.ndim == 2]
-        if probabilities:
-            probs = np.concatenate(probabilities)
-            finite_rows = np.isfinite(probs).all(axis=1)
-            counts = np.bincount(probs.argmax(axis=1)[finite_rows], minlength=len(self.classes))
-            for index in np.flatnonzero(counts).tolist():
-                self.classes[index].inc(int(counts[index]))
-            if self.binary:
-                self.prediction_value.observe_many(probs[finite_rows, 1])
-            self.predictions.inc(len(probs))
+            return
+        finite_rows = np.isfinite(joined).all(axis=1)
+        counts = np.bincount(joined.argmax(axis=1)[finite_rows], minlength=len(self.classes))
+        for index in np.flatnonzero(counts).tolist():
+            self.classes[index].inc(int(counts[index]))
+        if self.binary:
+            self.prediction_value.observe_many(joined[finite_rows, 1])
 
     def record_invalid_outputs(self, count: int) -> None:
         """Count model outputs that were non-finite or outside the allowed range."""

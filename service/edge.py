@@ -15,6 +15,8 @@ from typing import Any, Awaitable, Callable
 import orjson
 from starlette.requests import Request
 
+from monitoring.metrics import METHOD_CODES, OTHER_METHOD, EndpointRecorder
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -41,10 +43,12 @@ class EdgeMiddleware:
     config they take the normal way, so CORS headers are never lost.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, service: Any = None) -> None:
+        """Wrap ``app``; ``service`` is the Vigil service, else found through BentoML at the first request."""
         self.app = app
-        self._service: Any = None
-        self._direct = False
+        self._service: Any = service
+        self._direct = service is not None and not _cors_enabled()
+        self._recorders: dict[str, EndpointRecorder] = {}  # known paths only: never grows with request data
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,9 +70,13 @@ class EdgeMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        recorder = metrics.endpoint(path if path in ENDPOINTS else "other")  # unknown paths: one label, 'other'
+        recorder = self._recorders.get(path)
+        if recorder is None:
+            recorder = metrics.endpoint(path if path in ENDPOINTS else "other")  # unknown paths: one label, 'other'
+            if path in ENDPOINTS:
+                self._recorders[path] = recorder
         status = 500
-        recorder.started()
+        recorder.active += 1
         started = time.perf_counter()
         try:
             if direct:  # the handler's response says its status: no wrapper around send
@@ -82,8 +90,12 @@ class EdgeMiddleware:
 
                 await self.app(scope, receive, recording_send)
         finally:
+            # Written here, not through a call: see EndpointRecorder (a call costs more than this).
             finished = time.perf_counter()
-            recorder.finished(scope.get("method", "GET"), status, finished - started, finished)
+            recorder.active -= 1
+            recorder.done.extend((METHOD_CODES.get(scope.get("method"), OTHER_METHOD), status, finished - started))
+            if finished >= metrics.flush_due:  # a busy worker flushes on its own loop, no thread wakes it
+                metrics.flush()
 
     def _find_service(self) -> Any:
         try:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from monitoring.metrics import FLUSH_SECONDS
 from service.registry import register_model
 from tests.onnx_graphs import index_lookup_reference, index_lookup_regressor
 from tests.servers import PrometheusServer, VigilServer, prometheus_server, vigil_server
@@ -96,7 +97,7 @@ def traffic(stack: tuple[VigilServer, PrometheusServer], registry: Path) -> dict
     assert failed.status_code == 200, failed.text
     assert failed.json()["predictions"][0]["variant"] == "fallback"
     assert failed.json()["predictions"][0]["reason"] == "model_error"
-    prom.wait_for_scrape_after(time.time() + 0.5)
+    prom.wait_for_scrape_after(time.time() + FLUSH_SECONDS + 0.5)  # the idle worker's flush, then a scrape
     return sent
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from monitoring.metrics import FLUSH_SECONDS
 from monitoring.predlog import read_log
 from tests.servers import metric_value, prometheus_server, vigil_server
 
@@ -73,14 +74,14 @@ def test_soak_loses_nothing_and_memory_stays_flat(example_registry: Path, tmp_pa
         workers = worker_processes(server.proc.pid)
         assert len(workers) == 2
         rss_before = sum(p.memory_info().rss for p in workers)
-        time.sleep(1.0)  # each worker writes its counts every 0.1 s: let the warm-up's land
+        time.sleep(FLUSH_SECONDS + 1.0)  # each worker writes its counts every FLUSH_SECONDS: let the warm-up's land
         before = metric_value(server.metrics_text(), "vigil_predictions_total") or 0
         result = finish(start_load(server.url, bodies, 8, requests=SOAK_REQUESTS))
         assert result["requests"] == result["answered"] == SOAK_REQUESTS, result
         assert result["errors5xx"] == result["connection_errors"] == 0, result
         rss_after = sum(p.memory_info().rss for p in workers)
         assert rss_after - rss_before < 25 * 1024 * 1024, (rss_before, rss_after)
-        time.sleep(2.0)  # the last flush
+        time.sleep(FLUSH_SECONDS + 1.0)  # the last flush
         answered = metric_value(server.metrics_text(), "vigil_predictions_total") - before
         assert answered == result["instances"]
     logged = read_log(data_dir, "cancer")
