@@ -213,8 +213,8 @@ class EndpointRecorder:
     """The HTTP metrics of one endpoint (a bounded label value), recorded without a call per request.
 
     A Python call costs more on a request's path than the recording it makes
-    (an in-process test measured 2-2.5 µs of a ~100 µs single-row request
-    for the three calls this class took before; ``benchmarks/README.md``), so the edge writes
+    (the three calls this class took before were about 2 µs of a ~100 µs
+    single-row request, measured in one process; ``benchmarks/README.md``), so the edge writes
     two attributes itself: :attr:`active` goes up by one when a request begins and down
     when it ends, and :attr:`done` is extended by the ended request's
     ``(METHOD_CODES.get(method, OTHER_METHOD), status, seconds)``. The flush
