@@ -251,6 +251,21 @@ def test_a_request_records_its_duration_model_call_and_outputs(metrics: VigilMet
     assert value(registry, "vigil_predicted_class_total", **labels, variant="stable", **{"class": "1"}) == 1
 
 
+def test_outputs_of_other_dtypes_and_layouts_count_as_their_values(metrics: VigilMetrics,
+                                                                     registry: CollectorRegistry,
+                                                                     cards: dict[str, ModelCard]) -> None:
+    bound = metrics.bind(cards["cancer"], "stable")
+    columns = np.array([[0.9, 0.2], [0.1, 0.8]], dtype=np.float32).T  # float32, not C-contiguous
+    bound.record_request(0.003, 0.001, 2, Predictions(labels=[0, 1], probabilities=columns))
+    labels = {"model": "cancer", "version": "1", "variant": "stable"}
+    assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "0"}) == 1
+    assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "1"}) == 1
+    assert value(registry, "vigil_prediction_value_sum", **labels) == pytest.approx(0.9, abs=1e-6)
+    regression = metrics.bind(cards["diabetes"], "stable")
+    regression.record_request(0.003, 0.001, 3, Predictions(values=np.arange(6, dtype=np.int64)[::2]))
+    assert value(registry, "vigil_prediction_value_sum", model="diabetes", version="1", variant="stable") == 6
+
+
 def test_inputs_calls_errors_and_rejections(metrics: VigilMetrics, registry: CollectorRegistry,
                                             cards: dict[str, ModelCard]) -> None:
     bound = metrics.bind(cards["cancer"], "stable")
