@@ -734,8 +734,7 @@ class BoundModelMetrics:
 
     def record_invalid_outputs(self, count: int) -> None:
         """Count model outputs that were non-finite or outside the allowed range."""
-        if count:
-            self.out_of_range.inc(count)
+        self.out_of_range.inc(count)
 
     def record_fallback(self, reason: str, count: int) -> None:
         """Count instances answered by the fallback."""

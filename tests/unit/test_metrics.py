@@ -302,3 +302,23 @@ def test_process_sampler_reports_this_process(metrics: VigilMetrics, registry: C
     assert value(registry, "vigil_process_cpu_seconds_total", worker="3") > 0
     assert value(registry, "vigil_process_open_fds", worker="3") >= 3
     assert value(registry, "vigil_process_threads", worker="3") >= 1
+
+
+def test_a_started_sampler_samples_again_at_its_interval(metrics: VigilMetrics, registry: CollectorRegistry) -> None:
+    sampler = ProcessSampler(metrics, worker="4", interval=0.05)
+    sampler.start()  # samples once now, then from its own thread
+    release = threading.Event()
+    extra = threading.Thread(target=release.wait)
+    try:
+        before = value(registry, "vigil_process_threads", worker="4")
+        extra.start()
+        deadline = time.monotonic() + 5
+        while value(registry, "vigil_process_threads", worker="4") == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # Moved without a sample() call here (the sampler's own thread and the extra one both count).
+        assert value(registry, "vigil_process_threads", worker="4") > before
+    finally:
+        release.set()
+        sampler.stop()
+        if extra.is_alive():
+            extra.join()
