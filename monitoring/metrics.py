@@ -236,23 +236,16 @@ class EndpointRecorder:
         self._duration = metrics.histogram(metrics.http_duration, endpoint)
         self._answered: dict[float, DeferredCounter] = {}
 
-    def record(self, method: str, status: int, seconds: float) -> None:
-        """Queue one ended request (what the edge does inline; for callers off the hot path)."""
-        self.done.extend((METHOD_CODES.get(method, OTHER_METHOD), status, seconds))
-
     def count_done(self) -> None:
         """Count the queued requests into the children; called by the flush, under its lock.
 
-        Whole triples are taken from the front of :attr:`done` while the event
-        loop may append behind them (see :meth:`BoundModelMetrics.count_queued`).
+        Whole rows are taken from the front of :attr:`done` while the event
+        loop may append behind them (:func:`_take_rows`).
         """
         self._in_progress.value = self.active
-        done = self.done
-        taken = len(done) - len(done) % 3
-        if not taken:
+        figures = _take_rows(self.done, 3)
+        if figures is None:
             return
-        figures = np.frombuffer(done[:taken], dtype=np.float64).reshape(-1, 3)  # a copy: appends go on
-        del done[:taken]
         self._duration.observe_many(figures[:, 2])
         keys, counts = np.unique(figures[:, 0] * 1000 + figures[:, 1], return_counts=True)
         for key, count in zip(keys.tolist(), counts.tolist()):
@@ -273,11 +266,11 @@ class VigilMetrics:
         r = registry
         self._deferred: dict[tuple[int, tuple[str, ...]], Deferred] = {}
         self._bound: dict[tuple[str, str, str, str], BoundModelMetrics] = {}
-        self._endpoints: dict[str, EndpointRecorder] = {}
+        self.endpoints: dict[str, EndpointRecorder] = {}
+        """Recorders by endpoint label; the edge reads it directly (:meth:`endpoint` adds to it)."""
         # Re-entrant: the flush creates the status counters of new (method, status) pairs.
         self._flush_lock = threading.RLock()
         self._flushing = threading.Event()
-        self._flushed_at = 0.0
         self.flush_due = 0.0
         """``time.perf_counter()`` from which the request path flushes (the edge checks it after each request)."""
         if r is not None:
@@ -476,11 +469,10 @@ class VigilMetrics:
         writes only the difference since its previous flush.
         """
         with self._flush_lock:
-            self._flushed_at = now = time.perf_counter()
-            self.flush_due = now + self.flush_seconds
+            self.flush_due = time.perf_counter() + self.flush_seconds
             for bound in list(self._bound.values()):
                 bound.count_queued()
-            for endpoint in list(self._endpoints.values()):
+            for endpoint in list(self.endpoints.values()):
                 endpoint.count_done()  # may create status counters: before the children are listed
             for child in list(self._deferred.values()):
                 child.flush()
@@ -496,7 +488,7 @@ class VigilMetrics:
 
         def run() -> None:
             while not self._flushing.wait(interval):
-                if time.perf_counter() - self._flushed_at >= interval:
+                if time.perf_counter() >= self.flush_due - self.flush_seconds + interval:  # idle that long
                     self.flush()
 
         threading.Thread(target=run, name="vigil-metrics-flush", daemon=True).start()
@@ -508,9 +500,9 @@ class VigilMetrics:
 
     def endpoint(self, endpoint: str) -> EndpointRecorder:
         """The HTTP recorder of ``endpoint``, which must come from a bounded set (see ``service.edge``)."""
-        recorder = self._endpoints.get(endpoint)
+        recorder = self.endpoints.get(endpoint)
         if recorder is None:
-            recorder = self._endpoints.setdefault(endpoint, EndpointRecorder(self, endpoint))
+            recorder = self.endpoints.setdefault(endpoint, EndpointRecorder(self, endpoint))
         return recorder
 
     def feedback_recorder(self, card: ModelCard) -> FeedbackMetrics:
@@ -622,6 +614,20 @@ class _MergedFamily:
             yield merged
 
 
+def _take_rows(queue: array, width: int) -> np.ndarray | None:
+    """The whole rows of ``width`` doubles at the front of ``queue``, removed from it (None: no whole row).
+
+    A copy: the event loop may go on appending behind them, even between the
+    numbers of one row, and those stay for the next flush.
+    """
+    taken = len(queue) - len(queue) % width
+    if not taken:
+        return None
+    rows = np.frombuffer(queue[:taken], dtype=np.float64).reshape(-1, width)
+    del queue[:taken]
+    return rows
+
+
 def _drain(queue: deque[Any]) -> list[Any]:
     """The items in ``queue`` now, taken from the left (items appended meanwhile stay for the next drain)."""
     take = queue.popleft
@@ -701,17 +707,14 @@ class BoundModelMetrics:
 
         The flushers are the only writers of these children and the only
         takers from the queues, and the event loop only appends: taking whole
-        triples from the front of ``_calls`` (the loop may be between a
-        request's appends) and ``popleft`` from ``_outputs`` never lose an item
-        appended meanwhile.
+        rows from the front of ``_calls`` (:func:`_take_rows`) and ``popleft``
+        from ``_outputs`` never lose an item appended meanwhile.
         """
         calls = self._calls
         if not calls and not self._outputs:  # most flushes of a version that answered nothing meanwhile
             return
-        taken = len(calls) - len(calls) % 3
-        if taken:
-            figures = np.frombuffer(calls[:taken], dtype=np.float64).reshape(-1, 3)  # a copy: appends go on
-            del calls[:taken]
+        figures = _take_rows(calls, 3)
+        if figures is not None:
             requests = figures[:, 0]
             self.request_duration.observe_many(requests[~np.isnan(requests)])
             called = figures[figures[:, 2] > 0]

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from starlette.requests import Request
 
-from monitoring.metrics import METHOD_CODES, OTHER_METHOD, EndpointRecorder
+from monitoring.metrics import METHOD_CODES, OTHER_METHOD
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -48,7 +48,6 @@ class EdgeMiddleware:
         self.app = app
         self._service: Any = service
         self._direct = service is not None and not _cors_enabled()
-        self._recorders: dict[str, EndpointRecorder] = {}  # known paths only: never grows with request data
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,11 +69,8 @@ class EdgeMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        recorder = self._recorders.get(path)
-        if recorder is None:
-            recorder = metrics.endpoint(path if path in ENDPOINTS else "other")  # unknown paths: one label, 'other'
-            if path in ENDPOINTS:
-                self._recorders[path] = recorder
+        # A known path is its own label; any other path is 'other' and is never a key.
+        recorder = metrics.endpoints.get(path) or metrics.endpoint(path if path in ENDPOINTS else "other")
         status = 500
         recorder.active += 1
         started = time.perf_counter()

@@ -66,12 +66,14 @@ def test_requests_are_counted_by_endpoint_method_and_status(registry: CollectorR
     assert service.running == 1
     for _ in range(3):
         assert call(middleware, "/x/../secret") == 404  # from the app behind the edge
+    assert call(middleware, "/x/../secret", method="BREW") == 404
     assert sample(registry, "vigil_http_requests_total", endpoint="/predict", method="POST", code="200") == 1
     assert sample(registry, "vigil_http_requests_total", endpoint="/predict", method="POST", code="503") == 1
     assert sample(registry, "vigil_http_requests_total", endpoint="other", method="POST", code="404") == 3
     assert sample(registry, "vigil_http_request_duration_seconds_count", endpoint="/predict") == 2
+    assert sample(registry, "vigil_http_requests_total", endpoint="other", method="other", code="404") == 1
     assert sample(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 0
-    assert "/x/../secret" not in middleware._recorders  # unknown paths never grow the edge's own table
+    assert sorted(service.metrics.endpoints) == ["/predict", "other"]  # unknown paths never become keys
 
 
 def exported(family: Any, name: str) -> float:

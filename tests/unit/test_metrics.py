@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from monitoring.metrics import METHOD_CODES, ProcessSampler, VigilMetrics, prediction_buckets
+from monitoring.metrics import (
+    METHOD_CODES, OTHER_METHOD, EndpointRecorder, ProcessSampler, VigilMetrics, prediction_buckets,
+)
 from service.registry import ModelCard, Registry
 from service.runtime import Predictions
 
@@ -150,18 +152,23 @@ def test_collecting_the_registry_flushes_and_children_are_shared(metrics: VigilM
     assert value(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 2
 
 
+def ended(recorder: EndpointRecorder, method: str, status: int, seconds: float) -> None:
+    """Queue one ended request the way the edge does (service/edge.py)."""
+    recorder.done.extend((METHOD_CODES.get(method, OTHER_METHOD), status, seconds))
+
+
 def test_endpoint_recorder_counts_requests_by_method_status_and_time(metrics: VigilMetrics,
                                                                       registry: CollectorRegistry) -> None:
     recorder = metrics.endpoint("/predict")
     assert metrics.endpoint("/predict") is recorder
     recorder.active += 2  # what the edge does as two requests begin
     recorder.active -= 1
-    recorder.record("POST", 200, 0.003)
+    ended(recorder, "POST", 200, 0.003)
     assert value(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 1  # one still running
     recorder.active -= 1
-    recorder.record("POST", 429, 0.0002)
-    recorder.record("GET", 200, 0.02)
-    recorder.record("BREW", 405, 0.001)  # not a method label value: counted as 'other'
+    ended(recorder, "POST", 429, 0.0002)
+    ended(recorder, "GET", 200, 0.02)
+    ended(recorder, "BREW", 405, 0.001)  # not a method label value: counted as 'other'
     assert value(registry, "vigil_http_requests_in_progress", endpoint="/predict") == 0
     assert value(registry, "vigil_http_requests_total", endpoint="/predict", method="POST", code="200") == 1
     assert value(registry, "vigil_http_requests_total", endpoint="/predict", method="POST", code="429") == 1
@@ -171,7 +178,7 @@ def test_endpoint_recorder_counts_requests_by_method_status_and_time(metrics: Vi
     assert value(registry, "vigil_http_request_duration_seconds_bucket", endpoint="/predict", le="0.0005") == 1
     assert value(registry, "vigil_http_request_duration_seconds_bucket", endpoint="/predict", le="0.005") == 3
     assert value(registry, "vigil_http_request_duration_seconds_sum", endpoint="/predict") == pytest.approx(0.0242)
-    recorder.record("POST", 200, 0.003)
+    ended(recorder, "POST", 200, 0.003)
     assert value(registry, "vigil_http_requests_total", endpoint="/predict", method="POST", code="200") == 2
 
 
@@ -181,7 +188,7 @@ def test_queued_http_requests_are_counted_exactly_while_another_thread_flushes()
     recorder = metrics.endpoint("/predict")
     with flushing_meanwhile(metrics):
         for i in range(30_000):
-            recorder.done.extend((METHOD_CODES["POST"], 200 if i % 3 else 503, 0.001))
+            ended(recorder, "POST", 200 if i % 3 else 503, 0.001)
     assert registry.get_sample_value("vigil_http_requests_total", {"endpoint": "/predict", "method": "POST",
                                                                    "code": "200"}) == 20_000
     assert registry.get_sample_value("vigil_http_requests_total", {"endpoint": "/predict", "method": "POST",
