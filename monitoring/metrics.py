@@ -29,11 +29,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 import threading
 import time
 from array import array
 from bisect import bisect_left
-from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -208,6 +208,14 @@ METHOD_CODES = {method: code for code, method in enumerate(HTTP_METHODS[:-1])}
 """A method's code in :attr:`EndpointRecorder.done` (``METHOD_CODES.get(method, OTHER_METHOD)``)."""
 OTHER_METHOD = len(HTTP_METHODS) - 1
 
+pack_row = struct.Struct("3d").pack
+"""Three numbers as the bytes of three doubles: one queued row, appended with ``array("d").frombytes``.
+
+``array.extend`` converts each number through a slow argument parser, twice: for a
+row of three that was ~190 ns against ~80 ns for ``frombytes(pack_row(...))``,
+twice per request (callgrind: 4,300 of monitoring's instructions per single-row
+request, ``benchmarks/README.md``)."""
+
 
 class EndpointRecorder:
     """The HTTP metrics of one endpoint (a bounded label value), recorded without a call per request.
@@ -216,8 +224,8 @@ class EndpointRecorder:
     (the three calls this class took before were about 2 µs of a ~100 µs
     single-row request, measured in one process; ``benchmarks/README.md``), so the edge writes
     two attributes itself: :attr:`active` goes up by one when a request begins and down
-    when it ends, and :attr:`done` is extended by the ended request's
-    ``(METHOD_CODES.get(method, OTHER_METHOD), status, seconds)``. The flush
+    when it ends, and the ended request's row is appended to :attr:`done`:
+    ``done.frombytes(pack_row(METHOD_CODES.get(method, OTHER_METHOD), status, seconds))``. The flush
     exports :attr:`active` as the in-progress gauge and counts :attr:`done` into
     the duration histogram and the status counters with numpy (:meth:`count_done`).
     Only the worker's event loop writes them (see :class:`DeferredCounter`).
@@ -615,7 +623,7 @@ class _MergedFamily:
 
 
 def _take_rows(queue: array, width: int) -> np.ndarray | None:
-    """The whole rows of ``width`` doubles at the front of ``queue``, removed from it (None: no whole row).
+    """The whole rows of ``width`` numbers at the front of ``queue``, removed from it (None: no whole row).
 
     A copy: the event loop may go on appending behind them, even between the
     numbers of one row, and those stay for the next flush.
@@ -623,15 +631,9 @@ def _take_rows(queue: array, width: int) -> np.ndarray | None:
     taken = len(queue) - len(queue) % width
     if not taken:
         return None
-    rows = np.frombuffer(queue[:taken], dtype=np.float64).reshape(-1, width)
+    rows = np.frombuffer(queue[:taken], dtype=queue.typecode).reshape(-1, width)
     del queue[:taken]
     return rows
-
-
-def _drain(queue: deque[Any]) -> list[Any]:
-    """The items in ``queue`` now, taken from the left (items appended meanwhile stay for the next drain)."""
-    take = queue.popleft
-    return [take() for _ in range(len(queue))]
 
 
 class BoundModelMetrics:
@@ -664,12 +666,15 @@ class BoundModelMetrics:
         self._missing = {f.name: metrics.counter(metrics.input_missing, name, f.name) for f in card.features}
         self._input_oor = {f.name: metrics.counter(metrics.input_out_of_range, name, f.name) for f in card.features}
         # Queued for the flush: each request's (request seconds, model call seconds, instances in the
-        # call) as three doubles (NaN request seconds: a model call alone; 0 instances: no call), and each
-        # call's output array (regression values, 1-D, or class probabilities, 2-D). Neither holds an
-        # object the garbage collector tracks, so the requests between two flushes add nothing to its
-        # collections.
+        # call) as three doubles (NaN request seconds: a model call alone; 0 instances: no call), and the
+        # numbers of each call's outputs (regression values, or one row of class probabilities an
+        # instance), copied into a queue of their own type. Copied, not kept: an output array kept until
+        # the flush left the allocator fragmented, and onnxruntime's allocations slower (callgrind:
+        # 1,300 instructions per single-row request). No queue holds an object the garbage collector
+        # tracks, so the requests between two flushes add nothing to its collections.
         self._calls = array("d")
-        self._outputs: deque[np.ndarray] = deque()
+        self._outputs = {"f": array("f"), "d": array("d")}  # by numpy's dtype.char, which array shares
+        self._width = 1 if self.regression else len(self.classes)
         self._errors: dict[str, DeferredCounter] = {}
         self._fallback: dict[str, DeferredCounter] = {}
         self._version = version
@@ -689,13 +694,16 @@ class BoundModelMetrics:
         nothing); everything is counted at the next flush.
         """
         calls = self._calls
-        calls.extend((seconds, call_seconds, call_size))
+        calls.frombytes(pack_row(seconds, call_seconds, call_size))
         if answered is not None:
-            # One kind per version (values or probabilities, by the card's task): the flush joins them all at once.
+            # One kind per version (values or probabilities, by the card's task), each row ``_width`` numbers.
             output = answered.values if self.regression else answered.probabilities
             if output is not None:
-                self._outputs.append(output)
-        if len(calls) >= 3 * QUEUE_LIMIT or len(self._outputs) >= QUEUE_LIMIT:
+                queue = self._outputs.get(output.dtype.char)
+                if queue is None:  # neither float32 nor float64: rare, counted as float64
+                    output, queue = output.astype(np.float64), self._outputs["d"]
+                queue.frombytes(output.tobytes())  # C order whatever the array's layout
+        if len(calls) >= 3 * QUEUE_LIMIT:  # every output came with a row here: this bounds them too
             self.metrics.flush()
 
     def record_call(self, seconds: float, size: int, answered: Predictions | None = None) -> None:
@@ -706,34 +714,36 @@ class BoundModelMetrics:
         """Count every queued call and output into the children; called by the flush, under its lock.
 
         The flushers are the only writers of these children and the only
-        takers from the queues, and the event loop only appends: taking whole
-        rows from the front of ``_calls`` (:func:`_take_rows`) and ``popleft``
-        from ``_outputs`` never lose an item appended meanwhile.
+        takers from the queues, and the event loop only appends, a whole row
+        (or a call's outputs) at a time: taking whole rows from the front of
+        each queue (:func:`_take_rows`) never loses one appended meanwhile.
         """
-        calls = self._calls
-        if not calls and not self._outputs:  # most flushes of a version that answered nothing meanwhile
-            return
-        figures = _take_rows(calls, 3)
+        figures = _take_rows(self._calls, 3)
         if figures is not None:
             requests = figures[:, 0]
             self.request_duration.observe_many(requests[~np.isnan(requests)])
             called = figures[figures[:, 2] > 0]
             self.inference_duration.observe_many(called[:, 1])
             self.batch_size.observe_many(called[:, 2])
-        outputs = _drain(self._outputs)
-        if not outputs:
-            return
-        joined = np.concatenate(outputs)
-        self.predictions.inc(len(joined))
+        # Not skipped when no row was: another thread may have flushed between a row and its outputs.
+        for queue in self._outputs.values():
+            outputs = _take_rows(queue, self._width)
+            if outputs is not None:
+                self._count_outputs(outputs)
+
+    def _count_outputs(self, outputs: np.ndarray) -> None:
+        """Count output rows (one an instance) into the prediction families."""
+        self.predictions.inc(len(outputs))
         if self.regression:
-            self.prediction_value.observe_many(joined[np.isfinite(joined)])
+            values = outputs[:, 0]
+            self.prediction_value.observe_many(values[np.isfinite(values)])
             return
-        finite_rows = np.isfinite(joined).all(axis=1)
-        counts = np.bincount(joined.argmax(axis=1)[finite_rows], minlength=len(self.classes))
+        finite_rows = np.isfinite(outputs).all(axis=1)
+        counts = np.bincount(outputs.argmax(axis=1)[finite_rows], minlength=len(self.classes))
         for index in np.flatnonzero(counts).tolist():
             self.classes[index].inc(int(counts[index]))
         if self.binary:
-            self.prediction_value.observe_many(joined[finite_rows, 1])
+            self.prediction_value.observe_many(outputs[finite_rows, 1])
 
     def record_invalid_outputs(self, count: int) -> None:
         """Count model outputs that were non-finite or outside the allowed range."""

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from monitoring.metrics import (
-    METHOD_CODES, OTHER_METHOD, EndpointRecorder, ProcessSampler, VigilMetrics, prediction_buckets,
+    METHOD_CODES, OTHER_METHOD, EndpointRecorder, ProcessSampler, VigilMetrics, pack_row, prediction_buckets,
 )
 from service.registry import ModelCard, Registry
 from service.runtime import Predictions
@@ -154,7 +154,7 @@ def test_collecting_the_registry_flushes_and_children_are_shared(metrics: VigilM
 
 def ended(recorder: EndpointRecorder, method: str, status: int, seconds: float) -> None:
     """Queue one ended request the way the edge does (service/edge.py)."""
-    recorder.done.extend((METHOD_CODES.get(method, OTHER_METHOD), status, seconds))
+    recorder.done.frombytes(pack_row(METHOD_CODES.get(method, OTHER_METHOD), status, seconds))
 
 
 def test_endpoint_recorder_counts_requests_by_method_status_and_time(metrics: VigilMetrics,
@@ -268,9 +268,15 @@ def test_outputs_of_other_dtypes_and_layouts_count_as_their_values(metrics: Vigi
     assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "0"}) == 1
     assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "1"}) == 1
     assert value(registry, "vigil_prediction_value_sum", **labels) == pytest.approx(0.9, abs=1e-6)
+    bound.record_request(0.003, 0.001, 1, Predictions(labels=[0], probabilities=np.array([[0.7, 0.3]])))  # float64
+    assert value(registry, "vigil_predicted_class_total", **labels, **{"class": "0"}) == 2
+    assert value(registry, "vigil_prediction_value_sum", **labels) == pytest.approx(1.2, abs=1e-6)
     regression = metrics.bind(cards["diabetes"], "stable")
     regression.record_request(0.003, 0.001, 3, Predictions(values=np.arange(6, dtype=np.int64)[::2]))
-    assert value(registry, "vigil_prediction_value_sum", model="diabetes", version="1", variant="stable") == 6
+    regression.record_request(0.003, 0.001, 2, Predictions(values=np.array([1.5, 2.5], dtype=np.float32)))
+    regression_labels = {"model": "diabetes", "version": "1", "variant": "stable"}
+    assert value(registry, "vigil_prediction_value_sum", **regression_labels) == 10
+    assert value(registry, "vigil_predictions_total", **regression_labels) == 5
 
 
 def test_inputs_calls_errors_and_rejections(metrics: VigilMetrics, registry: CollectorRegistry,
