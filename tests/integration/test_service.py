@@ -263,3 +263,31 @@ def test_admin_endpoints_are_disabled_without_a_token(server: VigilServer) -> No
     for path in ("/admin/reload", "/admin/rollback", "/admin/promote"):
         response = server.post(path, json={"model": "cancer"}, headers={"Authorization": "Bearer anything"})
         assert response.status_code == 403 and response.json()["error"]["code"] == "admin_disabled"
+
+
+def test_cors_enabled_in_bentoml_config_answers_with_cors_headers(example_registry: Path) -> None:
+    """With CORS on, /predict takes BentoML's full path (its CORS middleware) and is still counted."""
+    from tests.servers import metric_value
+
+    # The v2 configuration's service defaults; a BENTOML_CONFIG file in the v1 layout never reaches a 1.4 service.
+    cors = ("services.http.cors.enabled=true services.http.cors.access_control_allow_origins=[https://dashboard.example]"
+            " services.http.cors.access_control_allow_methods=[GET,POST]"
+            " services.http.cors.access_control_allow_headers=[content-type]")
+    origin = {"origin": "https://dashboard.example"}
+    with vigil_server(example_registry, env={"BENTOML_CONFIG_OPTIONS": cors}) as srv:
+        preflight = srv.client.options("/predict", headers={**origin, "access-control-request-method": "POST",
+                                                            "access-control-request-headers": "content-type"})
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == "https://dashboard.example"
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        rows = reference_rows(example_registry, "cancer", 2)
+        answer = srv.post("/predict", json={"model": "cancer", "instances": rows}, headers=origin)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["access-control-allow-origin"] == "https://dashboard.example"
+        assert len(answer.json()["predictions"]) == 2
+        refused = srv.post("/predict", json={"model": "cancer", "instances": rows},
+                           headers={"origin": "https://elsewhere.example"})
+        assert refused.status_code == 200 and "access-control-allow-origin" not in refused.headers
+        text = srv.metrics_text()
+        assert metric_value(text, "vigil_http_requests_total", endpoint="/predict", method="POST", code="200") == 2
+        assert metric_value(text, "vigil_predictions_total", model="cancer", version="1", variant="stable") == 4
