@@ -1,4 +1,4 @@
-"""Load from a separate process: a soak that loses nothing, and a worker killed with SIGKILL mid-load."""
+"""Load from a separate process: a soak that loses nothing, and workers killed with SIGKILL (mid-load, and idle)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,33 @@ def test_sigkill_of_a_worker_mid_load(example_registry: Path, tmp_path: Path) ->
             values = [float(v) for _, v in series["data"]["result"][0]["values"]]
             assert values == sorted(values), "a counter went backwards"
             assert prom.value('sum(resets(vigil_predictions_total{model="cancer"}[1m]))') == 0
+
+
+def test_a_killed_worker_loses_no_counts_older_than_its_flush_interval(example_registry: Path) -> None:
+    """Counts a worker recorded more than FLUSH_SECONDS before a SIGKILL are still exported after it."""
+    rows = reference_rows(example_registry)
+    with vigil_server(example_registry, workers=1) as server:
+        for i in range(20):  # no scrape before the kill: only the worker's own flushes can save these
+            answer = server.post("/predict", json={"model": "cancer", "instances": rows[i:i + 3]})
+            assert answer.status_code == 200, answer.text
+        time.sleep(FLUSH_SECONDS + 1.0)  # idle now: the background thread's flush is due
+        victim = worker_processes(server.proc.pid)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        text = ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            replacement = [p for p in worker_processes(server.proc.pid) if p.pid != victim.pid]
+            try:  # a fresh connection: the kept-alive one died with the worker
+                if replacement and (response := httpx.get(f"{server.url}/metrics", timeout=5)).status_code == 200:
+                    text = response.text
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        assert text, "the killed worker was not replaced within 20 s"
+        assert metric_value(text, "vigil_predictions_total", model="cancer") == 60
+        assert metric_value(text, "vigil_request_duration_seconds_count", model="cancer") == 20
+        assert metric_value(text, "vigil_http_requests_total", endpoint="/predict", code="200") == 20
 
 
 def test_containerized_worker_death_is_visible_in_readiness(example_registry: Path) -> None:
