@@ -50,7 +50,7 @@ FLUSH_SECONDS = 1.0
 
 See :class:`DeferredCounter`; the service takes it from ``VIGIL_METRICS_FLUSH_SECONDS``."""
 QUEUE_LIMIT = 4096
-"""Queued model calls or outputs at which the request path flushes itself (a flush that never came)."""
+"""Queued model calls at which the request path flushes itself (a flush that never came); their outputs were queued with them."""
 IDLE_FLUSH_SECONDS = 0.5
 """How often the background thread flushes when no request has (an idle worker's last numbers)."""
 PROBABILITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -208,13 +208,17 @@ METHOD_CODES = {method: code for code, method in enumerate(HTTP_METHODS[:-1])}
 """A method's code in :attr:`EndpointRecorder.done` (``METHOD_CODES.get(method, OTHER_METHOD)``)."""
 OTHER_METHOD = len(HTTP_METHODS) - 1
 
-pack_row = struct.Struct("3d").pack
-"""Three numbers as the bytes of three doubles: one queued row, appended with ``array("d").frombytes``.
+ROW_NUMBERS = 3
+"""Numbers in one queued row (:attr:`EndpointRecorder.done`, a version's model calls)."""
+pack_row = struct.Struct(f"{ROW_NUMBERS}d").pack
+"""A row's numbers as the bytes of doubles, appended with ``array("d").frombytes``.
 
 ``array.extend`` converts each number through a slow argument parser, twice: for a
 row of three that was ~190 ns against ~80 ns for ``frombytes(pack_row(...))``,
 twice per request (callgrind: 4,300 of monitoring's instructions per single-row
 request, ``benchmarks/README.md``)."""
+
+_QUEUED_NUMBERS_LIMIT = ROW_NUMBERS * QUEUE_LIMIT  # once, not per request
 
 
 class EndpointRecorder:
@@ -251,7 +255,7 @@ class EndpointRecorder:
         loop may append behind them (:func:`_take_rows`).
         """
         self._in_progress.value = self.active
-        figures = _take_rows(self.done, 3)
+        figures = _take_rows(self.done, ROW_NUMBERS)
         if figures is None:
             return
         self._duration.observe_many(figures[:, 2])
@@ -703,7 +707,7 @@ class BoundModelMetrics:
                 if queue is None:  # neither float32 nor float64: rare, counted as float64
                     output, queue = output.astype(np.float64), self._outputs["d"]
                 queue.frombytes(output.tobytes())  # C order whatever the array's layout
-        if len(calls) >= 3 * QUEUE_LIMIT:  # every output came with a row here: this bounds them too
+        if len(calls) >= _QUEUED_NUMBERS_LIMIT:  # every output came with a row here: this bounds them too
             self.metrics.flush()
 
     def record_call(self, seconds: float, size: int, answered: Predictions | None = None) -> None:
@@ -718,7 +722,7 @@ class BoundModelMetrics:
         (or a call's outputs) at a time: taking whole rows from the front of
         each queue (:func:`_take_rows`) never loses one appended meanwhile.
         """
-        figures = _take_rows(self._calls, 3)
+        figures = _take_rows(self._calls, ROW_NUMBERS)
         if figures is not None:
             requests = figures[:, 0]
             self.request_duration.observe_many(requests[~np.isnan(requests)])

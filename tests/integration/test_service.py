@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
-from tests.servers import VigilServer, vigil_server
+from tests.servers import VigilServer, metric_value, vigil_server
 
 pytestmark = pytest.mark.integration
 
@@ -267,8 +267,6 @@ def test_admin_endpoints_are_disabled_without_a_token(server: VigilServer) -> No
 
 def test_cors_enabled_in_bentoml_config_answers_with_cors_headers(example_registry: Path) -> None:
     """With CORS on, /predict takes BentoML's full path (its CORS middleware) and is still counted."""
-    from tests.servers import metric_value
-
     # The v2 configuration's service defaults; a BENTOML_CONFIG file in the v1 layout never reaches a 1.4 service.
     cors = ("services.http.cors.enabled=true services.http.cors.access_control_allow_origins=[https://dashboard.example]"
             " services.http.cors.access_control_allow_methods=[GET,POST]"
