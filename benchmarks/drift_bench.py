@@ -49,7 +49,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitoring.drift import DEFAULT_MAX_ROWS  # noqa: E402 - after the path set-up; cheap (no Evidently)
+from monitoring.jobs.drift import DEFAULT_MAX_ROWS
 
 MODEL = "synth30"
 N_FEATURES = 30
@@ -141,7 +141,7 @@ def linear_onnx(path: Path, weights: np.ndarray) -> Path:
 
 def make_registry(root: Path) -> Path:
     """A registry holding ``synth30:1``, registered through the real registry API."""
-    from service.registry import register_model
+    from service.registry.register import register_model
 
     rng = np.random.default_rng(1)
     registry = root / "models"
@@ -156,8 +156,9 @@ def make_registry(root: Path) -> Path:
 def write_log(data_dir: Path, registry: Path, rows: int, end: datetime) -> None:
     """``rows`` requests' worth of logged rows spread over the 24 hours before ``end``, via PredictionLog."""
     from monitoring.predlog import LoggedRequest, PredictionLog
-    from service.registry import Registry
-    from service.runtime import Batch, OnnxPredictor
+    from service.core.predictor import Batch
+    from service.registry.store import Registry
+    from service.runtime.onnx import OnnxPredictor
 
     reg = Registry(registry)
     card = reg.card(MODEL)
@@ -184,7 +185,7 @@ def write_log(data_dir: Path, registry: Path, rows: int, end: datetime) -> None:
 
 
 def child_job(args: argparse.Namespace) -> dict[str, Any]:
-    from monitoring.drift import run_drift
+    from monitoring.jobs.drift import run_drift
 
     result = run_drift(Path(args.data_dir), Path(args.registry), MODEL, since=args.since, until=args.until,
                        out=Path(args.out), max_rows=int(args.max_rows))
@@ -198,7 +199,7 @@ def child_job(args: argparse.Namespace) -> dict[str, Any]:
 def child_evidently(args: argparse.Namespace) -> dict[str, Any]:
     """Evidently alone on the whole window: what the job would cost without sampling."""
     from monitoring.predlog import read_log
-    from service.registry import Registry
+    from service.registry.store import Registry
 
     reg = Registry(Path(args.registry))
     card = reg.card(MODEL)
@@ -263,7 +264,7 @@ def sweep(rows: int = 1_000_000, per_regime: int = 60) -> list[dict[str, Any]]:
     from evidently.legacy.calculations.stattests.wasserstein_distance_norm import wasserstein_stat_test
     from evidently.legacy.core import ColumnType
 
-    from monitoring.drift import time_stratified_positions
+    from monitoring.jobs.drift import time_stratified_positions
 
     regimes = {
         # name: (Evidently's default test, reference rows, shifts of the late half in stds)

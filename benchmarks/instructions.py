@@ -53,8 +53,19 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402 - run.py is this directory's module, not a package
-    HOST, RESULTS_DIR, ROOT, _atomic_write, _int_list, describe_checkout, feature_rows, free_port, model_dir,
-    model_registry, request_body, running_server, server_spec,
+    HOST,
+    RESULTS_DIR,
+    ROOT,
+    _atomic_write,
+    _int_list,
+    describe_checkout,
+    feature_rows,
+    free_port,
+    model_dir,
+    model_registry,
+    request_body,
+    running_server,
+    server_spec,
 )
 
 WORKER_MODULE = "_bentoml_impl.worker.service"

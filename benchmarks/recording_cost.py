@@ -61,7 +61,7 @@ def measure(registry: Path, instances: int, block: int, cycles: int) -> dict[str
         sys.path.insert(0, str(ROOT))
         import monitoring.metrics as metrics
         import service.app as app
-        import service.edge as edge
+        import service.http.edge as edge
 
         service = app.Vigil.inner()
         try:

@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psutil
-
 from baselines.bench_model import MODEL_DIR_ENV, WORKERS_ENV, load_model
 
 ROOT = Path(__file__).resolve().parent.parent

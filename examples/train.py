@@ -114,7 +114,7 @@ def train(example: Example, out: Path) -> Path:
 
 def register(example: Example, trained: Path, registry: Path | None) -> str:
     """Register a trained example with the registry; returns ``name:version``."""
-    from service.registry import register_model
+    from service.registry.register import register_model
 
     card = register_model(
         example.name, trained / "model.onnx", trained / "reference.parquet",
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.only and example.name != args.only:
             continue
         if args.register:
-            from service.registry import Registry
+            from service.registry.store import Registry
 
             existing = Registry(args.registry).versions(example.name)
             if existing:

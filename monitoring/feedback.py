@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from monitoring.jobfiles import atomic_write
+from service.core.files import atomic_write
 
 FEEDBACK_DIR = "feedback"
 

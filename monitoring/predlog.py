@@ -39,19 +39,17 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from monitoring.jobfiles import atomic_write
+from service.core.files import atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from monitoring.metrics import VigilMetrics
-    from service.registry import ModelCard
+    from service.core.card import ModelCard
 
 log = logging.getLogger("vigil.predlog")
 
 LOG_DIR = "predlog"
-RESERVED_COLUMNS = frozenset({"time", "request_id", "index", "model", "date", "version", "variant", "reason",
-                              "prediction", "prediction_score"})
 
 
 @dataclass(slots=True)

@@ -26,11 +26,13 @@ import bentoml
 import orjson
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
-from starlette.responses import Response
 from starlette.applications import Starlette
+from starlette.responses import Response
 from starlette.routing import Route
 
-from service.errors import (
+from monitoring.metrics import ProcessSampler, VigilMetrics, exposition, live_worker_pids
+from monitoring.predlog import PredictionLog
+from service.core.errors import (
     BadRequest,
     Conflict,
     Forbidden,
@@ -43,9 +45,12 @@ from service.errors import (
     VigilError,
     error_body,
 )
+from service.core.settings import Settings
+from service.feedback import FEEDBACK_BODY, FeedbackService
+from service.http.edge import EdgeMiddleware, patch_bentoml_timeout
 from service.inputs import PredictRequest, parse_envelope, parse_json
-from service.control import ControlLoop
-from service.deploy import (
+from service.serving.control import ControlLoop
+from service.serving.deploy import (
     DeployConfig,
     DeployConfigError,
     clear_rollback,
@@ -54,13 +59,7 @@ from service.deploy import (
     promote,
     rollback_to,
 )
-from service.serving import ModelServer, worker_label
-from service.settings import Settings
-
-from service.edge import EdgeMiddleware, patch_bentoml_timeout
-from service.feedback import FEEDBACK_BODY, FeedbackService
-from monitoring.metrics import ProcessSampler, VigilMetrics, exposition, live_worker_pids
-from monitoring.predlog import PredictionLog
+from service.serving.server import ModelServer, worker_label
 
 log = logging.getLogger("vigil.app")
 SETTINGS = Settings()

@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from service.errors import VigilError
+from service.core.errors import VigilError
 
 app = typer.Typer(help="Vigil: serve registered ONNX models with monitoring built in.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -46,7 +46,7 @@ def register(
     registry: Optional[Path] = RegistryOption,
 ) -> None:
     """Validate a model against its reference data and add it to the registry as a new version."""
-    from service.registry import register_model
+    from service.registry.register import register_model
 
     if task is not None and task not in ("classification", "regression"):
         _fail(f"--task must be 'classification' or 'regression', got '{task}'", 2)
@@ -94,7 +94,7 @@ def register(
 @models_app.command("list")
 def list_models(registry: Optional[Path] = RegistryOption) -> None:
     """List every registered model and its versions."""
-    from service.registry import Registry
+    from service.registry.store import Registry
 
     reg = Registry(registry)
     names = reg.names()
@@ -119,7 +119,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
 ) -> None:
     """Print a version's card (the newest version when none is given)."""
-    from service.registry import Registry
+    from service.registry.store import Registry
 
     name, _, version = ref.partition(":")
     try:
@@ -141,7 +141,7 @@ def serve(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes (default: $VIGIL_WORKERS, else 1)."),
 ) -> None:
     """Serve every registered model over HTTP with BentoML (foreground; Ctrl-C stops it)."""
-    from service.registry import Registry
+    from service.registry.store import Registry
 
     env = dict(os.environ)
     if registry is not None:
@@ -157,15 +157,6 @@ def serve(
             "--working-dir", str(project_root), "--host", host, "--port", str(port)]
     # exec, so signals (Ctrl-C, SIGTERM from a supervisor) reach BentoML directly.
     os.execvpe(argv[0], argv, env)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    """Entry point for ``python -m service.cli``."""
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
 
 
 # ---------------------------------------------------------------------- deploy
@@ -201,8 +192,8 @@ def _ask_reload(url: str) -> None:
 
 
 def _edit(deploy: Optional[Path], registry: Optional[Path], change: Any) -> Any:
-    from service.deploy import deploy_path, edit_deploy
-    from service.registry import Registry
+    from service.registry.store import Registry
+    from service.serving.deploy import deploy_path, edit_deploy
 
     reg = Registry(registry)
     versions = {name: reg.versions(name) for name in reg.names()}
@@ -222,8 +213,8 @@ def deploy_status(
     """Stable, canary, traffic, live comparison figures and the last rollback of every model."""
     import httpx
 
-    from service.deploy import load_deploy, load_state
-    from service.registry import Registry
+    from service.registry.store import Registry
+    from service.serving.deploy import load_deploy, load_state
 
     try:
         config = load_deploy(deploy)
@@ -266,7 +257,7 @@ def deploy_canary(
     url: str = UrlOption,
 ) -> None:
     """Start (or re-enable) a canary: VERSION gets --traffic of MODEL's requests."""
-    from service.deploy import clear_rollback, set_canary
+    from service.serving.deploy import clear_rollback, set_canary
 
     _edit(deploy, registry, lambda doc: set_canary(doc, model, version, traffic))
     clear_rollback(_data_dir(data_dir), model)
@@ -283,7 +274,7 @@ def deploy_promote(
     url: str = UrlOption,
 ) -> None:
     """Make MODEL's canary its stable version."""
-    from service.deploy import clear_rollback, promote
+    from service.serving.deploy import clear_rollback, promote
 
     promoted: list[str] = []
     _edit(deploy, registry, lambda doc: promoted.append(promote(doc, model)))
@@ -304,7 +295,7 @@ def deploy_rollback(
     """Turn MODEL's canary off (it stays off until re-enabled), or serve --to VERSION as stable."""
     from datetime import datetime, timezone
 
-    from service.deploy import RollbackRecord, load_deploy, record_rollback, rollback_to
+    from service.serving.deploy import RollbackRecord, load_deploy, record_rollback, rollback_to
 
     if to is not None:
         _edit(deploy, registry, lambda doc: rollback_to(doc, model, to))
@@ -324,8 +315,8 @@ def deploy_rollback(
 
 def _mount_observing_commands() -> None:
     # The drift job's commands live beside it; registered here so `vigil` is one command.
-    from service.cli_drift import drift_app, predlog_app
-    from service.cli_performance import performance_app
+    from monitoring.jobs.cli import drift_app, predlog_app
+    from monitoring.jobs.cli_quality import performance_app
 
     app.add_typer(drift_app, name="drift")
     app.add_typer(predlog_app, name="predlog")
@@ -333,3 +324,12 @@ def _mount_observing_commands() -> None:
 
 
 _mount_observing_commands()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    """Entry point for ``python -m service.cli``: every command is attached by now."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

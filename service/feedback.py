@@ -19,11 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from service.errors import BadRequest, InvalidInput, ModelNotFound, VigilError
-from service.registry import ModelCard
-
 from monitoring.feedback import FeedbackRow, PredictionIndex, write_feedback
 from monitoring.metrics import FeedbackMetrics, VigilMetrics
+from service.core.card import ModelCard
+from service.core.errors import BadRequest, InvalidInput, ModelNotFound, VigilError
 
 
 class UnknownRequest(VigilError):

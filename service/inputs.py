@@ -26,9 +26,9 @@ from pydantic import (
 )
 from typing_extensions import NotRequired, TypedDict
 
-from service.errors import BadRequest, InvalidInput, PayloadTooLarge
-from service.registry import FeatureSpec, ModelCard
-from service.runtime import Batch
+from service.core.card import FeatureSpec, ModelCard
+from service.core.errors import BadRequest, InvalidInput, PayloadTooLarge
+from service.core.predictor import Batch
 
 FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
 _NUMBER_TYPES = frozenset({float, int})

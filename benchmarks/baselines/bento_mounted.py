@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import bentoml
 import orjson
+from bench_model import BenchModel, load_model, workers_from_env
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-
-from bench_model import BenchModel, load_model, workers_from_env
 
 
 class PredictRoute:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import bentoml
-
 from bench_model import load_model, workers_from_env
 
 

@@ -13,12 +13,11 @@ Run (``benchmarks/run.py`` does this)::
 from __future__ import annotations
 
 import orjson
+from bench_model import load_model
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-
-from bench_model import load_model
 
 MODEL = load_model()
 

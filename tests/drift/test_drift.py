@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from monitoring.drift import (
+from monitoring.jobs.cli import EXIT_DRIFT, EXIT_TOO_FEW_ROWS, EXIT_USAGE, drift_app
+from monitoring.jobs.drift import (
     LATEST_FILE,
     DriftConfigError,
     DriftError,
@@ -31,10 +32,12 @@ from monitoring.drift import (
     time_stratified_positions,
 )
 from monitoring.predlog import LoggedRequest, PredictionLog
-from service.cli_drift import EXIT_DRIFT, EXIT_TOO_FEW_ROWS, EXIT_USAGE, drift_app
-from service.errors import ModelNotFound
-from service.registry import PREDICTION_COLUMN, REFERENCE_FILE, SCORE_COLUMN, ModelCard, Registry, register_model
-from service.runtime import Batch, OnnxPredictor
+from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard
+from service.core.errors import ModelNotFound
+from service.core.predictor import Batch
+from service.registry.register import register_model
+from service.registry.store import REFERENCE_FILE, Registry
+from service.runtime.onnx import OnnxPredictor
 
 NOT_FEATURES = ("target", PREDICTION_COLUMN, SCORE_COLUMN)
 SHIFTED = {"bmi": "top", "bp": "top", "s3": "top", "s1": "scale", "s5": "scale"}

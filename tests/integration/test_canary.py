@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from service.cli import app as cli
-from service.registry import register_model
+from service.registry.register import register_model
 from tests.onnx_graphs import modified_regressor
 from tests.servers import VigilServer, metric_value, vigil_server, wait_for
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from service.registry import register_model
+from service.registry.register import register_model
 from tests.onnx_graphs import (
     absurd_regressor,
     index_lookup_reference,

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from monitoring.metrics import FLUSH_SECONDS
-from service.registry import register_model
+from service.registry.register import register_model
 from tests.onnx_graphs import index_lookup_reference, index_lookup_regressor
 from tests.servers import PrometheusServer, VigilServer, prometheus_server, vigil_server
 

@@ -49,10 +49,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from service.registry import register_model
+from service.registry.register import register_model
+from tests import servers
 from tests.oncall import kit
 from tests.onnx_graphs import modified_regressor, slow_regressor, small_reference, sqrt_regressor
-from tests import servers
 from tests.servers import (
     VIGIL,
     PrometheusServer,

@@ -20,7 +20,9 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 from monitoring.feedback import FeedbackRow, LoggedPrediction, write_feedback
-from monitoring.performance import (
+from monitoring.jobs.cli import EXIT_OK, EXIT_TOO_FEW_ROWS, EXIT_USAGE
+from monitoring.jobs.cli_quality import EXIT_DEGRADED, performance_app
+from monitoring.jobs.quality import (
     LATEST_FILE,
     NotEnoughFeedback,
     PerformanceResult,
@@ -29,10 +31,10 @@ from monitoring.performance import (
     run_performance,
 )
 from monitoring.predlog import read_log
-from service.cli_drift import EXIT_OK, EXIT_TOO_FEW_ROWS, EXIT_USAGE
-from service.cli_performance import EXIT_DEGRADED, performance_app
-from service.errors import ModelNotFound
-from service.registry import PREDICTION_COLUMN, REFERENCE_FILE, SCORE_COLUMN, Registry, register_model
+from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN
+from service.core.errors import ModelNotFound
+from service.registry.register import register_model
+from service.registry.store import REFERENCE_FILE, Registry
 from tests import fixtures as fx
 from tests.drift.test_drift import write_log
 

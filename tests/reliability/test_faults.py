@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from monitoring.predlog import read_log
-from service.registry import register_model
+from service.registry.register import register_model
 from tests.onnx_graphs import modified_regressor
 from tests.servers import VigilServer, metric_value, vigil_server
 

@@ -173,7 +173,7 @@ def test_containerized_worker_death_is_visible_in_readiness(example_registry: Pa
 
 def test_killed_worker_leaves_no_stuck_in_progress_gauge(example_registry: Path, trained_examples: dict[str, Path],
                                                          tmp_path: Path) -> None:
-    from service.registry import register_model
+    from service.registry.register import register_model
     from tests.onnx_graphs import modified_regressor
 
     root = tmp_path / "models"

@@ -8,12 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from service.deploy import BreakerConfig, DeployConfigError, check_versions, parse_deploy
-from service.errors import RegistryError
-from service.fallback import HeuristicPredictor, derive_fallback
-from service.registry import ModelCard, Registry, register_model
-from service.routing import Breaker, invalid_rows
-from service.runtime import Batch, Predictions
+from service.core.card import ModelCard
+from service.core.errors import RegistryError
+from service.core.predictor import Batch, Predictions
+from service.registry.register import derive_fallback, register_model
+from service.registry.store import Registry
+from service.runtime.heuristic import HeuristicPredictor
+from service.serving.deploy import BreakerConfig, DeployConfigError, check_versions, parse_deploy
+from service.serving.routing import Breaker, invalid_rows
 from tests.onnx_graphs import small_reference, sqrt_regressor
 
 
@@ -173,7 +175,7 @@ def _comparison(stable_scores: np.ndarray, canary_scores: np.ndarray, stable_err
 
 
 def test_canary_from_the_same_distribution_is_not_judged_shifted() -> None:
-    from service.deploy import RollbackRules
+    from service.serving.deploy import RollbackRules
 
     rng = np.random.default_rng(0)
     for seed in range(20):  # small samples: raw PSI alone is often above 0.2 here
@@ -183,7 +185,7 @@ def test_canary_from_the_same_distribution_is_not_judged_shifted() -> None:
 
 
 def test_shifted_or_erroring_canary_breaches() -> None:
-    from service.deploy import RollbackRules
+    from service.serving.deploy import RollbackRules
 
     rng = np.random.default_rng(1)
     shifted = _comparison(rng.uniform(0, 1, 300), rng.uniform(0.5, 1, 100))
@@ -199,7 +201,7 @@ def test_shifted_or_erroring_canary_breaches() -> None:
 
 
 def test_canary_with_worse_ground_truth_breaches_on_quality() -> None:
-    from service.deploy import RollbackRules
+    from service.serving.deploy import RollbackRules
 
     rng = np.random.default_rng(4)
     comparison = _comparison(rng.uniform(0, 1, 300), rng.uniform(0, 1, 100))
@@ -219,7 +221,7 @@ def test_canary_with_worse_ground_truth_breaches_on_quality() -> None:
 
 
 def test_calls_leave_the_event_loop_when_slow_and_come_back_when_fast() -> None:
-    from service.routing import MAX_PROBE_SECONDS, MIN_PROBE_SECONDS, ServedVersion
+    from service.serving.routing import MAX_PROBE_SECONDS, MIN_PROBE_SECONDS, ServedVersion
 
     def served_version() -> ServedVersion:
         return ServedVersion(card=None, validator=None, fallback=None, predictor=None, breaker=None)  # type: ignore[arg-type]
@@ -262,7 +264,7 @@ def test_calls_leave_the_event_loop_when_slow_and_come_back_when_fast() -> None:
 
 
 def test_the_inline_threshold_is_configurable() -> None:
-    from service.routing import ServedVersion
+    from service.serving.routing import ServedVersion
 
     def steady_5ms(inline_seconds: float) -> bool:
         served = ServedVersion(card=None, validator=None, fallback=None, predictor=None,  # type: ignore[arg-type]
@@ -276,9 +278,9 @@ def test_the_inline_threshold_is_configurable() -> None:
 
 
 def test_a_server_takes_its_inline_threshold_from_settings(example_registry: Path, tmp_path: Path) -> None:
-    from service.deploy import DeployConfig
-    from service.serving import ModelServer
-    from service.settings import Settings
+    from service.core.settings import Settings
+    from service.serving.deploy import DeployConfig
+    from service.serving.server import ModelServer
 
     settings = Settings(registry=example_registry, data_dir=tmp_path, deploy=tmp_path / "none.yaml",
                         model_inline_seconds=0.5)

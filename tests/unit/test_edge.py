@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from monitoring.metrics import VigilMetrics
-from service.edge import EdgeMiddleware
+from service.http.edge import EdgeMiddleware
 
 
 class StubService:

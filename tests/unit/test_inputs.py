@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.errors import BadRequest, InvalidInput, PayloadTooLarge
+from service.core.card import FeatureSpec, ModelCard, OnnxSignature, Training
+from service.core.errors import BadRequest, InvalidInput, PayloadTooLarge
 from service.inputs import InstanceValidator, parse_envelope, parse_json
-from service.registry import FeatureSpec, ModelCard, OnnxSignature, Training
 
 
 def make_card(features: list[FeatureSpec], mode: str = "tensor") -> ModelCard:

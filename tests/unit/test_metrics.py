@@ -14,10 +14,17 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from monitoring.metrics import (
-    METHOD_CODES, OTHER_METHOD, EndpointRecorder, ProcessSampler, VigilMetrics, pack_row, prediction_buckets,
+    METHOD_CODES,
+    OTHER_METHOD,
+    EndpointRecorder,
+    ProcessSampler,
+    VigilMetrics,
+    pack_row,
+    prediction_buckets,
 )
-from service.registry import ModelCard, Registry
-from service.runtime import Predictions
+from service.core.card import ModelCard
+from service.core.predictor import Predictions
+from service.registry.store import Registry
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.metrics import VigilMetrics
 from monitoring.predlog import LoggedRequest, PredictionLog, hash_value, prune, read_log, segment_files
-from service.registry import FeatureSpec, ModelCard, OnnxSignature, Training
+from service.core.card import FeatureSpec, ModelCard, OnnxSignature, Training
 
 
 def card(pii: dict[str, str] | None = None) -> ModelCard:

@@ -22,20 +22,12 @@ import yaml
 from click.testing import Result
 from typer.testing import CliRunner
 
-from service import registry as registry_module
+from service.registry import register as registry_module
 from service.cli import app
-from service.errors import ModelNotFound, RegistryError
-from service.registry import (
-    CARD_FILE,
-    MODEL_FILE,
-    PREDICTION_COLUMN,
-    REFERENCE_FILE,
-    SCORE_COLUMN,
-    ModelCard,
-    Registry,
-    read_card,
-    register_model,
-)
+from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard
+from service.core.errors import ModelNotFound, RegistryError
+from service.registry.register import register_model
+from service.registry.store import CARD_FILE, MODEL_FILE, REFERENCE_FILE, Registry, read_card
 from tests import fixtures as fx
 
 VERSION_FILES = sorted([CARD_FILE, MODEL_FILE, REFERENCE_FILE])

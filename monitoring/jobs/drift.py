@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -54,18 +53,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from monitoring.jobfiles import (
-    LATEST_FILE,
-    TooFewRows,
-    atomic_write,
-    read_latest_result,
-    run_dir,
-    version_dir,
-    write_text_atomic,
-)
+from monitoring.jobs.files import LATEST_FILE, TooFewRows, read_latest_result, run_dir, version_dir
 from monitoring.predlog import read_log, segment_files
-from service.errors import ModelNotFound
-from service.registry import PREDICTION_COLUMN, REFERENCE_FILE, SCORE_COLUMN, FeatureSpec, ModelCard, Registry
+from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, FeatureSpec, ModelCard
+from service.core.errors import ModelNotFound
+from service.core.files import atomic_write, write_text_atomic
+from service.registry.store import REFERENCE_FILE, Registry
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,9 +1,11 @@
-"""The model registry on disk: cards, reading, verifying and registering versions.
+"""Registering a model version: infer its card from the ONNX file and its training data, then write it atomically.
 
-Layout: ``<registry>/<name>/<version>/`` holding ``model.onnx``, ``card.yaml``
-and ``reference.parquet``. A version directory is immutable once written:
-registration builds it under a temporary name and renames it into place, so a
-crash never leaves half a version behind.
+Offline only (the ``vigil models register`` command and the examples): it pulls
+in onnxruntime, pandas and git, which the serving path never needs from here.
+The card is inferred: features from the reference columns in the model's input
+order, their types, observed ranges and nullability; labels or the prediction
+range from running the model on the reference data; the heuristic fallback from
+the target (or the model's own reference predictions).
 """
 
 from __future__ import annotations
@@ -12,319 +14,35 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from service.errors import ModelNotFound, RegistryError
-
-MODEL_FILE = "model.onnx"
-CARD_FILE = "card.yaml"
-REFERENCE_FILE = "reference.parquet"
-PREDICTION_COLUMN = "prediction"
-"""Column of the stored reference data holding the model's own output (label or value)."""
-SCORE_COLUMN = "prediction_score"
-"""Column of the stored reference data holding the positive-class score (binary classifiers)."""
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-Task = Literal["classification", "regression"]
-FeatureType = Literal["float", "int", "string"]
-Label = int | str
-
-
-class FeatureSpec(BaseModel):
-    """One input feature as the model expects it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    type: FeatureType = "float"
-    min: float | None = None
-    """Smallest value seen in the reference data (numbers only)."""
-    max: float | None = None
-    """Largest value seen in the reference data (numbers only)."""
-    nullable: bool = False
-    """Whether a request may send null (or omit the feature)."""
-    pii: Literal[False, "drop", "hash"] = False
-    """Personal data: never logged in clear; dropped or hashed."""
-    categories: list[str] | None = None
-    """Values seen in the reference data (string features, when few)."""
-
-
-class OnnxSignature(BaseModel):
-    """How the card's features map onto the ONNX graph's inputs and outputs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input_mode: Literal["tensor", "per_feature"]
-    """``tensor``: one 2-D input, features in column order; ``per_feature``: one input per feature."""
-    inputs: dict[str, str]
-    """ONNX input name -> element type (``float``, ``double``, ``int64``, ``string``)."""
-    label_output: str | None = None
-    probability_output: str | None = None
-    probability_format: Literal["tensor", "zipmap"] | None = None
-    value_output: str | None = None
-
-
-class Training(BaseModel):
-    """Where the model came from."""
-
-    model_config = ConfigDict(extra="allow")
-
-    dataset_fingerprint: str
-    rows: int
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict)
-    code_revision: str | None = None
-    created_at: datetime
-    dataset: str | None = None
-
-
-class Range(BaseModel):
-    """A closed numeric interval."""
-
-    min: float
-    max: float
-
-
-class PriorFallback(BaseModel):
-    """Classification fallback: always the majority class, with the reference class shares."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["prior"] = "prior"
-    probabilities: dict[str, float]
-    """Label (as text) -> share of the reference data."""
-
-
-class MedianFallback(BaseModel):
-    """Regression fallback: the reference median of the target."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["median"] = "median"
-    value: float
-
-
-class Rule(BaseModel):
-    """``if <feature> <op> <threshold> then <then>``."""
-
-    model_config = ConfigDict(extra="forbid")
-    feature: str
-    op: Literal["<", "<=", ">", ">=", "==", "!="]
-    threshold: float | str
-    then: Label | float
-
-
-class RulesFallback(BaseModel):
-    """A declared rule set evaluated in order; the first rule that holds answers, else ``default``."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["rules"] = "rules"
-    rules: list[Rule] = Field(min_length=1)
-    default: Label | float
-
-
-class BucketMedianFallback(BaseModel):
-    """Regression fallback: the reference median of the target per bucket of one declared feature."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["bucket_median"] = "bucket_median"
-    feature: str
-    edges: list[float] = Field(default_factory=list)
-    """Upper bounds of the buckets but the last (computed from the reference quintiles when omitted)."""
-    values: list[float] = Field(default_factory=list)
-    """Median per bucket, ``len(edges) + 1`` of them (computed at registration)."""
-    default: float | None = None
-    """Answer when the feature is null (the overall median when omitted)."""
-
-
-FallbackSpec = Annotated[
-    PriorFallback | MedianFallback | RulesFallback | BucketMedianFallback, Field(discriminator="kind")
-]
-
-
-class ModelCard(BaseModel):
-    """Everything Vigil knows about one model version; stored as ``card.yaml``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    version: str
-    task: Task
-    features: list[FeatureSpec]
-    signature: OnnxSignature
-    labels: list[Label] | None = None
-    """Class labels in the order of the probability columns (classification)."""
-    prediction_range: Range | None = None
-    """Smallest and largest prediction on the reference data (regression)."""
-    prediction_quantiles: list[float] = Field(default_factory=list)
-    """Deciles of the reference predictions (value, or positive-class score); metric buckets come from these."""
-    output_range: Range | None = None
-    """Declared allowed range of regression outputs; when omitted, the prediction range widened by a margin."""
-    handles_missing: bool = False
-    """Whether the model gave finite outputs on reference rows with nulls (else such rows go to the fallback)."""
-    fallback: FallbackSpec | None = None
-    """The heuristic that answers when the model cannot (derived from the reference data at registration)."""
-    target: str | None = None
-    training: Training
-    sha256: str
-
-    @model_validator(mode="after")
-    def _task_fields(self) -> ModelCard:
-        from monitoring.predlog import RESERVED_COLUMNS
-
-        clashes = [f.name for f in self.features if f.name in RESERVED_COLUMNS]
-        if clashes:
-            raise ValueError(f"feature name(s) {clashes} are reserved for the prediction log's own columns")
-        if self.task == "classification" and not self.labels:
-            raise ValueError("a classification card needs 'labels'")
-        if self.task == "regression" and self.prediction_range is None:
-            raise ValueError("a regression card needs 'prediction_range'")
-        names = [f.name for f in self.features]
-        if len(set(names)) != len(names):
-            raise ValueError("feature names must be unique")
-        self._check_fallback(set(names))
-        return self
-
-    def _check_fallback(self, names: set[str]) -> None:
-        spec = self.fallback
-        if spec is None:
-            return
-        labels = {str(label) for label in self.labels or []}
-        if isinstance(spec, (PriorFallback,)) and self.task == "classification" and set(spec.probabilities) != labels:
-            raise ValueError(f"fallback.probabilities must name exactly the labels {sorted(labels)}")
-        if isinstance(spec, (MedianFallback, BucketMedianFallback)) and self.task != "regression":
-            raise ValueError(f"fallback kind '{spec.kind}' is for regression models")
-        if isinstance(spec, PriorFallback) and self.task != "classification":
-            raise ValueError("fallback kind 'prior' is for classification models")
-        if isinstance(spec, BucketMedianFallback) and spec.feature not in names:
-            raise ValueError(f"fallback.feature '{spec.feature}' is not a feature of the model")
-        if isinstance(spec, RulesFallback):
-            for i, rule in enumerate(spec.rules):
-                if rule.feature not in names:
-                    raise ValueError(f"fallback.rules[{i}].feature '{rule.feature}' is not a feature of the model")
-                if self.task == "classification" and str(rule.then) not in labels:
-                    raise ValueError(f"fallback.rules[{i}].then '{rule.then}' is not one of the labels {sorted(labels)}")
-            if self.task == "classification" and str(spec.default) not in labels:
-                raise ValueError(f"fallback.default '{spec.default}' is not one of the labels {sorted(labels)}")
-
-    def allowed_range(self, margin: float) -> tuple[float, float] | None:
-        """Regression outputs outside this range are invalid: the declared range, else the observed one widened by ``margin`` of its span."""
-        if self.output_range is not None:
-            return self.output_range.min, self.output_range.max
-        if self.prediction_range is None:
-            return None
-        span = self.prediction_range.max - self.prediction_range.min
-        pad = margin * (span if span > 0 else max(abs(self.prediction_range.max), 1.0))
-        return self.prediction_range.min - pad, self.prediction_range.max + pad
-
-    @property
-    def feature_names(self) -> list[str]:
-        """Feature names in the order the model takes them."""
-        return [f.name for f in self.features]
-
-    @property
-    def hashes_pii(self) -> bool:
-        """Whether any feature is logged as a salted hash of its value (``pii: hash``)."""
-        return any(f.pii == "hash" for f in self.features)
-
-
-def registry_root(path: str | os.PathLike[str] | None = None) -> Path:
-    """The registry directory: the argument, else ``VIGIL_REGISTRY``, else ``./models``."""
-    if path is not None:
-        return Path(path)
-    return Path(os.environ.get("VIGIL_REGISTRY", "models"))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _version_key(version: str) -> tuple[int, int | str]:
-    # Integers sort numerically and after nothing else; other names sort after them, lexically.
-    return (0, int(version)) if version.isdigit() else (1, version)
-
-
-class Registry:
-    """Read access to ``<root>/<name>/<version>/``."""
-
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = registry_root(root)
-
-    def names(self) -> list[str]:
-        """Registered model names, sorted."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and _NAME_RE.match(p.name) and self.versions(p.name))
-
-    def versions(self, name: str) -> list[str]:
-        """Versions of a model, oldest first (numeric versions in numeric order)."""
-        model_dir = self.root / name
-        if not model_dir.is_dir():
-            return []
-        found = [p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return sorted(found, key=_version_key)
-
-    def latest(self, name: str) -> str:
-        """Newest version of a model; :class:`ModelNotFound` when there is none."""
-        versions = self.versions(name)
-        if not versions:
-            raise ModelNotFound(f"model '{name}' is not registered in {self.root}")
-        return versions[-1]
-
-    def path(self, name: str, version: str) -> Path:
-        """Directory of one version."""
-        return self.root / name / version
-
-    def card(self, name: str, version: str | None = None) -> ModelCard:
-        """Read and validate a version's card (the newest version when none is given)."""
-        version = version or self.latest(name)
-        card_path = self.path(name, version) / CARD_FILE
-        if not card_path.is_file():
-            raise ModelNotFound(f"model '{name}' has no version '{version}' in {self.root}")
-        return read_card(card_path)
-
-    def verify(self, card: ModelCard) -> Path:
-        """Check that the model file matches the card's sha256; returns its path."""
-        model_path = self.path(card.name, card.version) / MODEL_FILE
-        if not model_path.is_file():
-            raise RegistryError(f"{card.name}:{card.version}: {MODEL_FILE} is missing")
-        actual = sha256_file(model_path)
-        if actual != card.sha256:
-            raise RegistryError(
-                f"{card.name}:{card.version}: sha256 of {MODEL_FILE} is {actual[:12]}…, "
-                f"the card says {card.sha256[:12]}… (file changed after registration)"
-            )
-        return model_path
-
-
-def read_card(path: Path) -> ModelCard:
-    """Parse a ``card.yaml``, with an error naming the file and the key on failure."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-        return ModelCard.model_validate(raw)
-    except (OSError, yaml.YAMLError) as exc:
-        raise RegistryError(f"cannot read {path}: {exc}") from exc
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RegistryError(f"invalid card {path}: {problems}") from exc
-
-
-# --------------------------------------------------------------------------- registration
+from pydantic import ValidationError
+
+from service.core.card import (
+    PREDICTION_COLUMN,
+    SCORE_COLUMN,
+    BucketMedianFallback,
+    FeatureSpec,
+    FeatureType,
+    Label,
+    MedianFallback,
+    ModelCard,
+    OnnxSignature,
+    PriorFallback,
+    Range,
+    RulesFallback,
+    Task,
+    Training,
+)
+from service.core.errors import RegistryError
+from service.registry.store import CARD_FILE, MODEL_FILE, NAME_RE, REFERENCE_FILE, Registry, sha256_file
 
 _ONNX_ELEM = {
     "tensor(float)": "float",
@@ -516,9 +234,9 @@ def register_model(
     """
     import pandas as pd
 
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise RegistryError(f"model name '{name}' must be 1-64 letters, digits, '_', '.' or '-'")
-    if version is not None and (not _NAME_RE.match(version) or version.startswith(".")):
+    if version is not None and (not NAME_RE.match(version) or version.startswith(".")):
         raise RegistryError(f"version '{version}' must be 1-64 letters, digits, '_', '.' or '-'")
     reg = Registry(registry)
     model_path = Path(model_file)
@@ -596,7 +314,6 @@ def register_model(
         reference[PREDICTION_COLUMN] = values
         quantiles = _decile_edges(values[answered])
 
-    from service.fallback import derive_fallback
 
     fallback_spec = derive_fallback(task, labels, reference, target, declared=fallback)
 
@@ -693,3 +410,52 @@ def _write_version(reg: Registry, card: ModelCard, model_path: Path, reference: 
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def derive_fallback(task: str, labels: list[Any] | None, reference: Any, target: str | None,
+                    declared: dict[str, Any] | None = None) -> Any:
+    """The card's fallback: the declared one (completed from the reference data), else prior or median.
+
+    The target column is the truth to summarise; without one, the model's own
+    reference predictions stand in for it.
+    """
+    truth = reference[target] if target and target in reference else reference[PREDICTION_COLUMN]
+    truth = truth.dropna()
+    if declared is not None:
+        kind = declared.get("kind")
+        try:
+            if kind == "rules":
+                return RulesFallback.model_validate(declared)
+            if kind == "bucket_median":
+                if task != "regression":
+                    raise RegistryError("fallback kind 'bucket_median' is for regression models")
+                return _bucket_medians(BucketMedianFallback.model_validate(declared), reference, truth)
+        except ValidationError as exc:
+            problems = "; ".join(f"fallback.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise RegistryError(f"invalid declared fallback: {problems}") from None
+        if kind in ("prior", "median"):
+            pass  # derived below; a declared prior/median is just a request for the default
+        else:
+            raise RegistryError(f"fallback kind must be one of rules, bucket_median, prior, median; got {kind!r}")
+    if task == "classification":
+        assert labels is not None
+        shares = truth.astype(str).value_counts(normalize=True)
+        return PriorFallback(probabilities={str(label): float(shares.get(str(label), 0.0)) for label in labels})
+    return MedianFallback(value=float(np.median(truth.to_numpy(dtype=np.float64))))
+
+
+def _bucket_medians(spec: BucketMedianFallback, reference: Any, truth: Any) -> BucketMedianFallback:
+    if spec.feature not in reference:
+        raise RegistryError(f"fallback.feature '{spec.feature}' is not a column of the reference data")
+    feature = reference.loc[truth.index, spec.feature].to_numpy(dtype=np.float64)
+    target = truth.to_numpy(dtype=np.float64)
+    known = ~np.isnan(feature)
+    edges = spec.edges or sorted(set(np.quantile(feature[known], [0.2, 0.4, 0.6, 0.8]).tolist()))
+    overall = float(np.median(target))
+    bucket = np.searchsorted(np.asarray(edges), feature[known], side="left")
+    values = []
+    for b in range(len(edges) + 1):
+        members = target[known][bucket == b]
+        values.append(float(np.median(members)) if len(members) else overall)
+    return spec.model_copy(update={"edges": [float(e) for e in edges], "values": values,
+                                   "default": spec.default if spec.default is not None else overall})

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 
-from service.errors import ModelNotFound, VigilError
+from service.core.errors import ModelNotFound, VigilError
 
 if TYPE_CHECKING:
-    from monitoring.drift import DriftResult
+    from monitoring.jobs.drift import DriftResult
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -111,7 +111,7 @@ def job_window(since: str | None, last: str | None, until: str | None, default_l
 
     ``--until`` defaults to a minute ago, so rows the service still buffers are not half-counted.
     """
-    from monitoring.drift import default_until
+    from monitoring.jobs.drift import default_until
 
     if since is not None and last is not None:
         _fail("give either --since or --last, not both", EXIT_USAGE)
@@ -138,7 +138,7 @@ def _progress() -> Iterator[Callable[[str], None] | None]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from monitoring.drift import STAGES
+    from monitoring.jobs.drift import STAGES
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as bar:
@@ -228,7 +228,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
 ) -> None:
     """Compare a window of the prediction log with the model version's reference data (Evidently)."""
-    from monitoring.drift import DriftConfigError, DriftError, NotEnoughRows, run_drift
+    from monitoring.jobs.drift import DriftConfigError, DriftError, NotEnoughRows, run_drift
 
     since_time, until_time = job_window(since, last, until, DEFAULT_LAST)
     data_root = data_dir_root(data_dir)

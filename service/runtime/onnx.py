@@ -1,64 +1,17 @@
-"""One interface for every model runtime: ``Predictor.predict(batch) -> Predictions``.
-
-:class:`OnnxPredictor` wraps an onnxruntime session; the heuristic fallback
-implements the same interface, so routing never special-cases either.
-"""
+"""The ONNX runtime: a registered model served with onnxruntime, and the watchdog that enforces its time budget."""
 
 from __future__ import annotations
 
 import itertools
 import threading
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.registry import ModelCard
-
-
-@dataclass(slots=True)
-class Batch:
-    """Validated instances of one request, in the card's feature order.
-
-    ``matrix`` holds the numeric features as float64 (NaN for nulls) when every
-    feature is numeric; ``columns`` holds each feature's values (``None`` for
-    nulls) for models that take one input per feature.
-    """
-
-    size: int
-    matrix: np.ndarray | None = None
-    columns: dict[str, list[Any]] | None = None
-    has_nulls: bool = False
-
-
-@dataclass(slots=True)
-class Predictions:
-    """What a predictor answers for a batch, row-aligned with it."""
-
-    labels: list[Any] | None = None
-    """Predicted class label per row (classification)."""
-    probabilities: np.ndarray | None = None
-    """(rows, classes) probabilities in the card's label order (classification)."""
-    values: np.ndarray | None = None
-    """Predicted value per row (regression)."""
-
-
-class ModelTimeout(Exception):
-    """The model call outlived its time budget and was cancelled."""
-
-
-class Predictor(ABC):
-    """A loaded model version that turns a :class:`Batch` into :class:`Predictions`."""
-
-    card: ModelCard
-    load_seconds: float = 0.0
-
-    @abstractmethod
-    def predict(self, batch: Batch, budget_seconds: float | None = None) -> Predictions:
-        """Predict every row of the batch in one call, within ``budget_seconds`` when given."""
+from service.core.card import ModelCard
+from service.core.predictor import Batch, ModelTimeout, Predictions, Predictor
 
 
 class Watchdog:
@@ -176,3 +129,7 @@ class OnnxPredictor(Predictor):
         # Take the label from the probabilities so label and probabilities always agree
         # (and a NaN row shows up as non-finite probabilities, not as a silent class 0).
         return Predictions(labels=[labels[i] for i in probs.argmax(axis=1)], probabilities=probs)
+
+    def close(self) -> None:
+        """Drop the onnxruntime session; its memory is freed once no call holds it."""
+        self.session = None  # type: ignore[assignment]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from service.cli_drift import (
+from monitoring.jobs.cli import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_TOO_FEW_ROWS,
@@ -26,10 +26,10 @@ from service.cli_drift import (
     job_window,
     window_lines,
 )
-from service.errors import ModelNotFound, VigilError
+from service.core.errors import ModelNotFound, VigilError
 
 if TYPE_CHECKING:
-    from monitoring.performance import PerformanceResult
+    from monitoring.jobs.quality import PerformanceResult
 
 EXIT_DEGRADED = 3
 DEFAULT_LAST = "7d"
@@ -103,12 +103,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
 ) -> None:
     """Judge a window of served predictions on their feedback (Evidently), against the card's training metrics."""
-    from monitoring.performance import (
-        NotEnoughFeedback,
-        PerformanceConfigError,
-        PerformanceError,
-        run_performance,
-    )
+    from monitoring.jobs.quality import NotEnoughFeedback, PerformanceConfigError, PerformanceError, run_performance
 
     since_time, until_time = job_window(since, last, until, DEFAULT_LAST)
     try:

@@ -20,7 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from service.deploy import (
+from monitoring.canary import Breach, CanaryComparison
+from monitoring.metrics import VigilMetrics
+from monitoring.predlog import LoggedRequest, PredictionLog
+from service.core.card import ModelCard
+from service.core.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
+from service.core.predictor import Batch, ModelTimeout, Predictions, Predictor
+from service.core.settings import Settings
+from service.inputs import InstanceValidator, PredictRequest
+from service.registry.store import Registry
+from service.runtime.heuristic import HeuristicPredictor
+from service.runtime.onnx import OnnxPredictor
+from service.serving.deploy import (
     DeployConfig,
     DeployConfigError,
     DeployState,
@@ -31,17 +42,7 @@ from service.deploy import (
     load_state,
     record_rollback,
 )
-from service.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
-from service.fallback import HeuristicPredictor
-from service.inputs import InstanceValidator, PredictRequest
-from service.registry import ModelCard, Registry
-from service.routing import Breaker, ModelEntry, ServedVersion, degraded_reason, invalid_rows, merge, state_of
-from service.runtime import Batch, ModelTimeout, OnnxPredictor, Predictions, Predictor
-from service.settings import Settings
-
-from monitoring.canary import Breach, CanaryComparison
-from monitoring.metrics import VigilMetrics
-from monitoring.predlog import LoggedRequest, PredictionLog
+from service.serving.routing import Breaker, ModelEntry, ServedVersion, degraded_reason, invalid_rows, merge, state_of
 
 log = logging.getLogger("vigil.serving")
 
@@ -202,8 +203,8 @@ class ModelServer:
         """Cards written before fallbacks existed: derive the prior/median from the stored reference data."""
         import pandas as pd
 
-        from service.fallback import derive_fallback
-        from service.registry import REFERENCE_FILE
+        from service.registry.register import derive_fallback
+        from service.registry.store import REFERENCE_FILE
 
         reference = pd.read_parquet(self.registry.path(card.name, card.version) / REFERENCE_FILE)
         spec = derive_fallback(card.task, card.labels, reference, card.target)

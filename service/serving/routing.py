@@ -18,12 +18,11 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from service.deploy import BreakerConfig, ModelPolicy
-from service.inputs import InstanceValidator
-from service.registry import ModelCard
-from service.runtime import Predictions, Predictor
-
 from monitoring.canary import CanaryComparison
+from service.core.card import ModelCard
+from service.core.predictor import Predictions, Predictor
+from service.inputs import InstanceValidator
+from service.serving.deploy import BreakerConfig, ModelPolicy
 
 BreakerState = Literal["closed", "open", "half_open"]
 

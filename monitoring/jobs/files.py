@@ -4,15 +4,13 @@ Each job writes ``<data_dir>/<job>/<model>/<version>/<UTC timestamp>/`` (the
 report and ``result.json``) and keeps ``<data_dir>/<job>/<model>/<version>/latest.json``
 current. Every file is written under a temporary name and renamed into place, so
 a reader (the service polls ``latest.json``) never sees half a file. The
-service's own files (prediction log, feedback, deploy state) use the same
-:func:`atomic_write`; :class:`TooFewRows` is what both jobs raise when a window
+service's own files use the same
+:func:`service.core.files.atomic_write`; :class:`TooFewRows` is what both jobs raise when a window
 is too thin for a verdict.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
@@ -41,30 +39,6 @@ class TooFewRows(Exception):
         self.min_rows = min_rows
         self.since = since
         self.until = until
-
-
-def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = False) -> None:
-    """Write through a temporary file in the same directory and rename it into place.
-
-    Readers never see half a file: the temporary name starts with a dot (which
-    every reader of Vigil's directories skips) and is removed if ``write`` fails.
-    ``durable`` also syncs the file to disk before the rename, for state that
-    must survive a power cut rather than just a crash.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        if durable:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """:func:`atomic_write` for text."""
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def version_dir(data_dir: Path, job: str, model: str, version: str) -> Path:

@@ -1,14 +1,14 @@
-"""Heuristic fallback models: answers that cannot fail, in pure Python/NumPy.
+"""The heuristic fallback as a runtime: answers that cannot fail, in pure Python/NumPy.
 
-Each registered model carries a fallback in its card, derived at registration
-from the reference data unless the card declares one:
+Each registered model carries a fallback in its card (derived at registration,
+:func:`service.registry.register.derive_fallback`, unless the card declares one):
 
 - classification: the class prior (majority label, probabilities = reference
   class shares), or a declared rule set;
 - regression: the reference median of the target, a declared rule set, or the
   median per bucket of one declared feature.
 
-:class:`HeuristicPredictor` implements the same :class:`~service.runtime.Predictor`
+:class:`HeuristicPredictor` implements the same :class:`~service.core.predictor.Predictor`
 interface as the ONNX runtime, so routing treats both alike.
 """
 
@@ -18,71 +18,14 @@ import operator
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import ValidationError
 
-from service.errors import RegistryError
-from service.registry import (
-    PREDICTION_COLUMN,
-    BucketMedianFallback,
-    MedianFallback,
-    ModelCard,
-    PriorFallback,
-    RulesFallback,
-)
-from service.runtime import Batch, Predictions, Predictor
+from service.core.card import BucketMedianFallback, MedianFallback, ModelCard, PriorFallback, RulesFallback
+from service.core.errors import RegistryError
+from service.core.predictor import Batch, Predictions, Predictor
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
 }
-
-
-def derive_fallback(task: str, labels: list[Any] | None, reference: Any, target: str | None,
-                    declared: dict[str, Any] | None = None) -> Any:
-    """The card's fallback: the declared one (completed from the reference data), else prior or median.
-
-    The target column is the truth to summarise; without one, the model's own
-    reference predictions stand in for it.
-    """
-    truth = reference[target] if target and target in reference else reference[PREDICTION_COLUMN]
-    truth = truth.dropna()
-    if declared is not None:
-        kind = declared.get("kind")
-        try:
-            if kind == "rules":
-                return RulesFallback.model_validate(declared)
-            if kind == "bucket_median":
-                if task != "regression":
-                    raise RegistryError("fallback kind 'bucket_median' is for regression models")
-                return _bucket_medians(BucketMedianFallback.model_validate(declared), reference, truth)
-        except ValidationError as exc:
-            problems = "; ".join(f"fallback.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise RegistryError(f"invalid declared fallback: {problems}") from None
-        if kind in ("prior", "median"):
-            pass  # derived below; a declared prior/median is just a request for the default
-        else:
-            raise RegistryError(f"fallback kind must be one of rules, bucket_median, prior, median; got {kind!r}")
-    if task == "classification":
-        assert labels is not None
-        shares = truth.astype(str).value_counts(normalize=True)
-        return PriorFallback(probabilities={str(label): float(shares.get(str(label), 0.0)) for label in labels})
-    return MedianFallback(value=float(np.median(truth.to_numpy(dtype=np.float64))))
-
-
-def _bucket_medians(spec: BucketMedianFallback, reference: Any, truth: Any) -> BucketMedianFallback:
-    if spec.feature not in reference:
-        raise RegistryError(f"fallback.feature '{spec.feature}' is not a column of the reference data")
-    feature = reference.loc[truth.index, spec.feature].to_numpy(dtype=np.float64)
-    target = truth.to_numpy(dtype=np.float64)
-    known = ~np.isnan(feature)
-    edges = spec.edges or sorted(set(np.quantile(feature[known], [0.2, 0.4, 0.6, 0.8]).tolist()))
-    overall = float(np.median(target))
-    bucket = np.searchsorted(np.asarray(edges), feature[known], side="left")
-    values = []
-    for b in range(len(edges) + 1):
-        members = target[known][bucket == b]
-        values.append(float(np.median(members)) if len(members) else overall)
-    return spec.model_copy(update={"edges": [float(e) for e in edges], "values": values,
-                                   "default": spec.default if spec.default is not None else overall})
 
 
 class HeuristicPredictor(Predictor):

@@ -62,27 +62,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from monitoring.drift import (
-    FALLBACK_REASON,
-    Window,
-    _registered_versions,
-    _utc,
-    default_until,
-)
 from monitoring.feedback import read_feedback
-from monitoring.jobfiles import (
-    LATEST_FILE,
-    TooFewRows,
-    atomic_write,
-    read_latest_result,
-    run_dir,
-    version_dir,
-    write_text_atomic,
-)
+from monitoring.jobs.drift import FALLBACK_REASON, Window, _registered_versions, _utc, default_until
+from monitoring.jobs.files import LATEST_FILE, TooFewRows, read_latest_result, run_dir, version_dir
 from monitoring.predlog import read_log
-from service.registry import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard, Registry
+from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard
+from service.core.files import atomic_write, write_text_atomic
+from service.registry.store import Registry
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -23,8 +23,8 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from monitoring.jobfiles import atomic_write
-from service.errors import VigilError
+from service.core.errors import VigilError
+from service.core.files import atomic_write
 
 
 class DeployConfigError(VigilError):

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.deploy import DeployConfigError, state_path
-from service.serving import ModelServer
-
-from monitoring.drift import DRIFT_DIR, LATEST_FILE, DriftError, read_latest
-from monitoring.performance import PERFORMANCE_DIR, PerformanceError, read_latest_performance
+from monitoring.jobs.drift import DRIFT_DIR, LATEST_FILE, DriftError, read_latest
+from monitoring.jobs.quality import PERFORMANCE_DIR, PerformanceError, read_latest_performance
+from service.serving.deploy import DeployConfigError, state_path
+from service.serving.server import ModelServer
 
 log = logging.getLogger("vigil.control")
 
