@@ -26,6 +26,7 @@ demo: examples
 ## Set up the same environment and run the whole test suite.
 test: $(STAMP)
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || $(MAKE) --no-print-directory apt-deps
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 apt-deps:

@@ -76,7 +76,7 @@ async def _run(service: Any, edge: Any, metrics: Any, body: bytes, block: int,
     async def not_used(_scope: Any, _receive: Any, _send: Any) -> None:
         raise AssertionError("/predict is answered by the edge")
 
-    middleware = edge.EdgeMiddleware(not_used, service)
+    middleware = edge.EdgeMiddleware(not_used, service.handlers)
     scope = {"type": "http", "path": "/predict", "method": "POST",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
     message = {"type": "http.request", "body": body, "more_body": False}
@@ -115,8 +115,9 @@ async def _run(service: Any, edge: Any, metrics: Any, body: bytes, block: int,
 
 def _recorders(service: Any) -> list[tuple[Any, str, Any]]:
     """Every (object, attribute, recorder) monitoring hangs on the request path (the service, versions)."""
-    holders = [(service, "metrics"), (service.server, "metrics")]
-    for entry in service.server.models.values():
+    handlers = service.handlers
+    holders = [(handlers, "metrics"), (handlers.server, "metrics")]
+    for entry in handlers.server.models.values():
         for served in (entry.stable, entry.canary):
             if served is not None:
                 holders += [(served, "metrics"), (served, "fallback_metrics")]

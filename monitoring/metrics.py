@@ -546,6 +546,18 @@ class VigilMetrics:
         self.breaker_open.labels(card.name, card.version).set(1 if state == "open" else 0)
         self.breaker_transitions.labels(card.name, card.version, state).inc()
 
+    def model_unloaded(self, card: ModelCard) -> None:
+        """Clear the gauges of a version no role serves any more (its counters keep their history).
+
+        In multiprocess mode a gauge's value lives in this worker's file until
+        the worker exits, so it is set to 0 there as well as dropped here.
+        """
+        for family, labels in ((self.model_info, (card.name, card.version, card.sha256)),
+                               (self.model_load_seconds, (card.name, card.version)),
+                               (self.breaker_open, (card.name, card.version))):
+            family.labels(*labels).set(0)
+            family.remove(*labels)
+
     def model_failed(self, name: str) -> None:
         """Mark a model as not serving (it failed to load)."""
         self.model_ready.labels(name).set(0)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from monitoring.feedback import FeedbackRow, PredictionIndex, write_feedback
 from monitoring.metrics import FeedbackMetrics, VigilMetrics
 from service.core.card import ModelCard
-from service.core.errors import BadRequest, InvalidInput, ModelNotFound, VigilError
+from service.core.errors import BadRequest, InvalidInput, ModelNotFound, VigilError, validation_problems
 
 
 class UnknownRequest(VigilError):
@@ -98,8 +98,7 @@ class FeedbackService:
         try:
             return FEEDBACK_BODY.validate_python(payload)
         except ValidationError as exc:
-            details = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]}
-                       for e in exc.errors(include_url=False)]
+            details = [{"field": key, "problem": problem} for key, problem in validation_problems(exc, top="body")]
             raise BadRequest("the body is not {model, request_id, actuals} or {model, items}", details,
                              code="invalid_request") from None
 

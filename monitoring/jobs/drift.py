@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from monitoring.jobs.files import LATEST_FILE, TooFewRows, read_latest_result, run_dir, version_dir
 from monitoring.predlog import read_log, segment_files
 from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, FeatureSpec, ModelCard
-from service.core.errors import ModelNotFound
+from service.core.errors import ModelNotFound, describe_validation
 from service.core.files import atomic_write, write_text_atomic
 from service.registry.store import REFERENCE_FILE, Registry
 
@@ -265,8 +265,7 @@ def _parse_overrides(stattests: Mapping[str, Any] | None) -> dict[str, StatTestO
         try:
             parsed[name] = value if isinstance(value, StatTestOverride) else StatTestOverride.model_validate(value)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
-            raise DriftConfigError(f"stat test override for '{name}': {problems}") from exc
+            raise DriftConfigError(f"stat test override for '{name}': {describe_validation(exc, top='value')}") from exc
     return parsed
 
 

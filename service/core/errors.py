@@ -9,12 +9,40 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+from typing_extensions import NotRequired, TypedDict
+
+
+class ErrorDetail(TypedDict):
+    """One problem in a request: which instance (row) and field (feature or input), and what is wrong."""
+
+    instance: NotRequired[int | None]
+    field: NotRequired[str | None]
+    problem: str
+
+
+class ErrorInfo(TypedDict):
+    code: str
+    message: str
+    details: list[ErrorDetail]
+
+
+class ErrorBody(TypedDict):
+    """Every 4xx/5xx body has this shape; the OpenAPI error model is derived from it."""
+
+    error: ErrorInfo
+
 
 class VigilError(Exception):
-    """Base class: a message for humans, a stable ``code`` for programs, and a status."""
+    """Base class: a message for humans, a stable ``code`` for programs, and a status.
+
+    ``headers`` go out with the error response (``Retry-After`` for 429, the
+    request id once a request has one).
+    """
 
     status_code = 500
     code = "internal_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
@@ -100,6 +128,7 @@ class Overloaded(VigilError):
 
     status_code = 429
     code = "overloaded"
+    headers = {"Retry-After": "1"}
 
 
 class RequestTimeout(VigilError):
@@ -116,6 +145,25 @@ class RegistryError(VigilError):
     code = "registry_error"
 
 
-def error_body(error: VigilError) -> dict[str, Any]:
+def error_body(error: VigilError) -> ErrorBody:
     """The JSON body for an error, in the one shape clients can rely on."""
-    return {"error": {"code": error.code, "message": error.message, "details": error.details}}
+    return {"error": {"code": error.code, "message": error.message, "details": error.details}}  # type: ignore[typeddict-item]
+
+
+def validation_problems(exc: ValidationError, prefix: str = "", top: str = "") -> list[tuple[str, str]]:
+    """Each problem pydantic found, as (the dotted key it is at, what is wrong).
+
+    ``prefix`` goes before every key (the section the model was read from);
+    ``top`` names a problem with the whole value, which has no key of its own.
+    Pydantic's validator wrappers (``function-after``) are not part of a key.
+    """
+    out = []
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in err["loc"] if part != "function-after")
+        out.append((f"{prefix}{key}" if key else top, err["msg"]))
+    return out
+
+
+def describe_validation(exc: ValidationError, prefix: str = "", top: str = "") -> str:
+    """:func:`validation_problems` as one line: ``key: problem; key: problem``."""
+    return "; ".join(f"{key}: {problem}" for key, problem in validation_problems(exc, prefix, top))

@@ -42,6 +42,22 @@ class Predictions:
     values: np.ndarray | None = None
     """Predicted value per row (regression)."""
 
+    def scores(self) -> np.ndarray:
+        """One number per row: the value (regression), else the positive-class (binary) or top-class score.
+
+        What the canary compares, the prediction log keeps as ``prediction_score``
+        and registration records as the reference distribution.
+        """
+        if self.values is not None:
+            return self.values
+        assert self.probabilities is not None
+        return binary_or_top_score(self.probabilities)
+
+
+def binary_or_top_score(probabilities: np.ndarray) -> np.ndarray:
+    """The positive-class column of a binary classifier's probabilities, else each row's top-class probability."""
+    return probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities.max(axis=1)
+
 
 class ModelTimeout(Exception):
     """The model call outlived its time budget and was cancelled."""

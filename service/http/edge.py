@@ -16,6 +16,7 @@ import orjson
 from starlette.requests import Request
 
 from monitoring.metrics import METHOD_CODES, OTHER_METHOD, pack_row
+from service.http.bentoml_compat import cors_enabled, current_service
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -38,16 +39,18 @@ class EdgeMiddleware:
     BentoML puts a user middleware inside its tracing and timeout layers but
     outside its CORS and context middleware, its router and the mounted app.
     ``POST /predict`` and ``/feedback`` go from here to the service's handlers
-    directly: those layers did nothing for them and cost about a tenth of a
-    single-row prediction (``benchmarks/``). With CORS enabled in BentoML's
-    config they take the normal way, so CORS headers are never lost.
+    directly: those layers do nothing for them and cost a noticeable share of a
+    single-row prediction (``benchmarks/README.md``). With CORS enabled in
+    BentoML's config they take the normal way, so CORS headers are never lost.
     """
 
-    def __init__(self, app: ASGIApp, service: Any = None) -> None:
-        """Wrap ``app``; ``service`` is the Vigil service, else found through BentoML at the first request."""
+    def __init__(self, app: ASGIApp, handlers: Any = None) -> None:
+        """Wrap ``app``; ``handlers`` are the worker's :class:`~service.http.handlers.Handlers`,
+        else found through BentoML's current service at the first request (BentoML builds
+        its middleware before the service instance exists)."""
         self.app = app
-        self._service: Any = service
-        self._direct = service is not None and not _cors_enabled()
+        self._service: Any = handlers
+        self._direct = handlers is not None and not cors_enabled()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,32 +98,21 @@ class EdgeMiddleware:
                 metrics.flush()
 
     def _find_service(self) -> Any:
-        try:
-            import bentoml
-
-            service = bentoml.get_current_service()
-        except Exception:  # noqa: BLE001 - not instantiated yet (start-up): BentoML's own handling applies
+        service = current_service()
+        handlers = getattr(service, "handlers", None)
+        if handlers is None:
             return None
-        self._service = service
-        self._direct = not _cors_enabled()
-        return service
+        self._service = handlers
+        self._direct = not cors_enabled()
+        return handlers
 
 
 async def _answer_directly(service: Any, path: str, scope: Scope, receive: Receive, send: Send) -> int:
     """Answer a hot route with the service's handler; returns the status sent."""
-    handler = service.handle_predict if path == "/predict" else service.handle_feedback
+    handler = service.predict if path == "/predict" else service.feedback
     response = await handler(Request(scope, receive))
     await response(scope, receive, send)
     return int(response.status_code)
-
-
-def _cors_enabled() -> bool:
-    try:
-        from bentoml._internal.configuration.containers import BentoMLContainer
-
-        return bool(BentoMLContainer.http.cors.enabled.get())
-    except Exception:  # noqa: BLE001 - unknown BentoML layout: keep every request on BentoML's own path
-        return True
 
 
 async def _ready(service: Any, send: Send) -> None:
@@ -129,56 +121,3 @@ async def _ready(service: Any, send: Send) -> None:
     await send({"type": "http.response.start", "status": 200 if report["ready"] else 503,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-
-
-def patch_bentoml_timeout() -> bool:
-    """Make BentoML's per-request timeout cancel its timer when the request ends.
-
-    BentoML 1.4's ``TimeoutMiddleware`` wraps every request in a new task and
-    schedules a timer it never cancels: each request's future, context and
-    span stay alive for the whole timeout. At a thousand requests a second
-    that is hundreds of thousands of live objects, and Python's full garbage
-    collections then stop the worker for 100-250 ms every second or two (the
-    p99 floor measured in ``benchmarks/``). The replacement keeps BentoML's
-    behaviour (a 504 when no response has started within the timeout) with
-    ``asyncio.timeout``, which cancels its timer on exit and adds no task.
-    Returns False (and changes nothing) if BentoML's class is not where expected.
-    """
-    import asyncio
-
-    try:
-        from bentoml._internal.server.http.traffic import TimeoutMiddleware
-    except ImportError:
-        return False
-    if getattr(TimeoutMiddleware, "_vigil_patched", False):
-        return True
-
-    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        started = False
-        try:
-            async with asyncio.timeout(self.timeout) as deadline:
-
-                async def first_send_stops_the_clock(message: dict[str, Any]) -> None:
-                    nonlocal started
-                    if not started:
-                        started = True
-                        deadline.reschedule(None)  # like BentoML: only the start of the answer is timed
-                    await send(message)
-
-                await self.app(scope, receive, first_send_stops_the_clock)
-        except TimeoutError:
-            if started:
-                raise
-            body = orjson.dumps({"error": {"code": "timeout", "details": [],
-                                           "message": f"not able to answer within {self.timeout} s"}})
-            await send({"type": "http.response.start", "status": 504,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-
-    TimeoutMiddleware.__call__ = call  # type: ignore[method-assign]
-    TimeoutMiddleware._vigil_patched = True  # type: ignore[attr-defined]
-    return True

@@ -41,7 +41,8 @@ from service.core.card import (
     Task,
     Training,
 )
-from service.core.errors import RegistryError
+from service.core.errors import RegistryError, describe_validation
+from service.core.predictor import binary_or_top_score
 from service.registry.store import CARD_FILE, MODEL_FILE, NAME_RE, REFERENCE_FILE, Registry, sha256_file
 
 _ONNX_ELEM = {
@@ -301,7 +302,7 @@ def register_model(
         handles_missing = bool((~complete).any() and answered.all())
         predicted_labels = [labels[i] if ok else None for i, ok in zip(probs.argmax(axis=1), answered)]
         reference[PREDICTION_COLUMN] = predicted_labels
-        score = np.where(answered, probs[:, 1] if probs.shape[1] == 2 else probs.max(axis=1), np.nan)
+        score = np.where(answered, binary_or_top_score(probs), np.nan)
         reference[SCORE_COLUMN] = score
         quantiles = _decile_edges(score[answered])
     else:
@@ -337,8 +338,7 @@ def register_model(
             sha256=sha256_file(model_path),
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in exc.errors())
-        raise RegistryError(f"the inferred card is invalid: {problems}") from exc
+        raise RegistryError(f"the inferred card is invalid: {describe_validation(exc, top='card')}") from exc
     _write_version(reg, card, model_path, reference)
     return card
 
@@ -431,8 +431,7 @@ def derive_fallback(task: str, labels: list[Any] | None, reference: Any, target:
                     raise RegistryError("fallback kind 'bucket_median' is for regression models")
                 return _bucket_medians(BucketMedianFallback.model_validate(declared), reference, truth)
         except ValidationError as exc:
-            problems = "; ".join(f"fallback.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise RegistryError(f"invalid declared fallback: {problems}") from None
+            raise RegistryError(f"invalid declared fallback: {describe_validation(exc, 'fallback.', 'fallback')}") from None
         if kind in ("prior", "median"):
             pass  # derived below; a declared prior/median is just a request for the default
         else:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from service.core.card import ModelCard
-from service.core.errors import ModelNotFound, RegistryError
+from service.core.errors import ModelNotFound, RegistryError, describe_validation
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "card.yaml"
@@ -110,5 +110,4 @@ def read_card(path: Path) -> ModelCard:
     except (OSError, yaml.YAMLError) as exc:
         raise RegistryError(f"cannot read {path}: {exc}") from exc
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise RegistryError(f"invalid card {path}: {problems}") from exc
+        raise RegistryError(f"invalid card {path}: {describe_validation(exc)}") from exc

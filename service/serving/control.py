@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ class ControlLoop:
         """Stop polling."""
         self._stop.set()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the polling thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
@@ -70,6 +76,7 @@ class ControlLoop:
         self.check_drift()
         self.check_quality()
         self.server.check_canaries()
+        self.server.loader.close_retired(time.monotonic())
 
     def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[int, int] | None],
               read: Callable[..., Any], apply: Callable[[Any, Any], None], errors: type[Exception]) -> None:

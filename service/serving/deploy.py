@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.core.errors import VigilError
+from service.core.errors import VigilError, describe_validation, validation_problems
 from service.core.files import atomic_write
 
 
@@ -142,12 +142,9 @@ def parse_deploy(text: str, source: str = "deploy.yaml") -> DeployConfig:
     try:
         return DeployConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            key = ".".join(str(p) for p in err["loc"] if p not in ("function-after",)) or "(top level)"
-            problems.append(f"{key}: {err['msg']}")
-        raise DeployConfigError(f"{source}: " + "; ".join(problems), [{"field": p.split(":")[0], "problem": p}
-                                                                      for p in problems]) from None
+        problems = validation_problems(exc, top="(top level)")
+        raise DeployConfigError(f"{source}: {describe_validation(exc, top='(top level)')}",
+                                [{"field": key, "problem": f"{key}: {problem}"} for key, problem in problems]) from None
 
 
 def load_deploy(path: str | os.PathLike[str] | None = None) -> DeployConfig:

@@ -152,9 +152,9 @@ class ServedVersion:
         ``now`` is ``time.perf_counter()`` when the call started; ``inline``: it ran on the event loop.
 
         A call timed on a thread includes its waits for the interpreter lock
-        while the loop is busy (5 ms each): a 10 µs model looked like a 5 ms one
-        and, once on threads, stayed there for good at a fifth of its throughput.
-        So while a model that is not very slow runs on threads, one call now and
+        while the loop is busy (up to the 5 ms switch interval each), so a fast
+        model timed there looks slow and would stay on threads for good. So
+        while a model that is not very slow runs on threads, one call now and
         then is made on the loop instead (after 1 s, then backing off to a
         minute while it stays slow), and its time replaces the history.
         ``timed_out``: the call was cut at its budget, so it surely was slow.
@@ -170,9 +170,9 @@ class ServedVersion:
                 self.next_probe = now + self.probe_interval
             return
         was_fast = self.call_seconds_ewma < self.inline_seconds
-        # One call that took long because the worker was descheduled (two workers and a load
-        # generator on two cores) must not move a 10 µs model to threads: a sample counts for at
-        # most ten times the typical time plus 1 ms, so only sustained slowness crosses the threshold.
+        # One call that took long because the worker was descheduled (more busy processes than
+        # cores) must not move a fast model to threads: a sample counts for at most ten times the
+        # typical time plus 1 ms, so only sustained slowness crosses the threshold.
         if not timed_out:
             seconds = min(seconds, 10 * self.call_seconds_ewma + 0.001)
         self.call_seconds_ewma = 0.9 * self.call_seconds_ewma + 0.1 * seconds

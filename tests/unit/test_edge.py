@@ -15,18 +15,18 @@ from service.http.edge import EdgeMiddleware
 
 
 class StubService:
-    """What the edge needs of the Vigil service: its metrics and the hot routes' handlers."""
+    """What the edge needs of the worker's handlers: its metrics and the hot routes' handlers."""
 
     def __init__(self, metrics: VigilMetrics, status: int = 200) -> None:
         self.metrics = metrics
         self.status = status
         self.running = -1.0
 
-    async def handle_predict(self, request: Request) -> JSONResponse:
+    async def predict(self, request: Request) -> JSONResponse:
         self.running = self.metrics.endpoint("/predict").active  # in progress while the handler runs
         return JSONResponse({"ok": True}, status_code=self.status)
 
-    handle_feedback = handle_predict
+    feedback = predict
 
 
 async def not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:

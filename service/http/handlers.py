@@ -1,0 +1,215 @@
+"""The HTTP handlers: read the request, call the worker, write the response; errors go through one wrapper.
+
+Every handler is a method of :class:`Handlers` behind :func:`answers_errors`,
+which turns any :class:`~service.core.errors.VigilError` into its status and
+the one error body. The edge middleware calls :meth:`Handlers.predict` and
+:meth:`Handlers.feedback` directly; BentoML's router reaches every handler
+through the route table in ``service/app.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio.to_thread
+import orjson
+from pydantic import SecretStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from monitoring.metrics import exposition
+from service.core.errors import (
+    BadRequest,
+    Forbidden,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    UnsupportedMediaType,
+    VigilError,
+    error_body,
+)
+from service.http.schemas import AdminModelRequest
+from service.inputs import parse_envelope, parse_json
+from service.serving.worker import Worker
+
+Handler = Callable[["Handlers", Request], Awaitable[Response]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response serialised with orjson."""
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def answers_errors(handler: Handler) -> Handler:
+    """The one error wrapper: a :class:`VigilError` becomes its status, its headers and ``error_body``."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: Handlers, request: Request) -> Response:
+        try:
+            return await handler(self, request)
+        except VigilError as exc:
+            return json_response(error_body(exc), exc.status_code, exc.headers or None)
+
+    return wrapped
+
+
+class Handlers:
+    """The handlers of one worker; ``metrics`` and ``readiness`` are what the edge middleware reads."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.settings = worker.settings
+        self.server = worker.server
+        self.metrics = worker.metrics
+        self.readiness = worker.readiness
+        self._in_flight = 0
+
+    @answers_errors
+    async def predict(self, request: Request) -> Response:
+        """``POST /predict``: ``{"model", "instances", "key"}`` answered with one prediction per instance."""
+        request_id = self.worker.next_request_id()
+        try:
+            return await self._predict_within_limits(request, request_id)
+        except VigilError as exc:
+            exc.headers = {**exc.headers, "X-Request-ID": request_id}
+            raise
+
+    async def _predict_within_limits(self, request: Request, request_id: str) -> Response:
+        settings = self.settings
+        if self._in_flight >= settings.max_concurrency:
+            # Refuse at once, before reading the body: queueing would only add latency to
+            # every request while the worker is saturated.
+            if self.metrics is not None:
+                self.metrics.counter(self.metrics.overloaded, "/predict").inc()
+            raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
+        self._in_flight += 1
+        try:
+            # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
+            async with asyncio.timeout(settings.request_timeout_seconds):
+                return await self._predict(request, request_id)
+        except TimeoutError:
+            if self.metrics is not None:
+                self.metrics.counter(self.metrics.request_timeouts, "/predict").inc()
+            raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
+        finally:
+            self._in_flight -= 1
+
+    async def _predict(self, request: Request, request_id: str) -> Response:
+        model: str | None = None
+        try:
+            check_content_type(request)
+            payload = parse_json(await read_body(request, self.settings.max_body_bytes))
+            if isinstance(payload, dict) and isinstance(payload.get("model"), str):
+                model = payload["model"]
+            envelope = parse_envelope(payload, self.settings.max_instances)
+            answer = await self.server.predict(envelope, request_id)
+        except VigilError as exc:
+            if exc.status_code < 500:
+                self.server.reject(model, exc.code)
+            raise
+        return json_response(answer, headers={"X-Request-ID": request_id})
+
+    @answers_errors
+    async def feedback(self, request: Request) -> Response:
+        """``POST /feedback``: actuals joined to logged predictions; duplicates are acknowledged, not counted."""
+        check_content_type(request)
+        payload = parse_json(await read_body(request, self.settings.max_body_bytes))
+        body = self.worker.feedback.parse(payload)
+        cards, comparisons = self.server.feedback_targets()
+        # Joining reads prediction-log segments: off the event loop.
+        answer = await anyio.to_thread.run_sync(self.worker.feedback.accept, body, cards, comparisons)
+        return json_response(answer)
+
+    @answers_errors
+    async def models(self, request: Request) -> Response:
+        """``GET /models``: every registered model, the versions it serves and their state."""
+        return json_response({"models": self.server.describe()})
+
+    @answers_errors
+    async def metrics_text(self, request: Request) -> Response:
+        """``GET /metrics``: the ``vigil_`` families merged over all workers (Prometheus multiprocess mode)."""
+        if self.metrics is not None:
+            self.metrics.flush()  # this worker's numbers exact; the others' at most metrics_flush_seconds old
+        text, content_type = await anyio.to_thread.run_sync(exposition)
+        return Response(text, media_type=content_type)
+
+    @answers_errors
+    async def admin_reload(self, request: Request) -> Response:
+        """``POST /admin/reload``: apply deploy.yaml now; an invalid file is refused and the current routing keeps serving."""
+        check_admin(request, self.settings.admin_token)
+        refused = await anyio.to_thread.run_sync(self.worker.control.reload, "admin request")
+        if refused is not None:
+            raise refused
+        return json_response({"reloaded": True, "models": self.server.describe()})
+
+    @answers_errors
+    async def admin_rollback(self, request: Request) -> Response:
+        """``POST /admin/rollback``: ``{"model"}`` turns the live canary off; ``{"model", "to"}`` serves that version."""
+        check_admin(request, self.settings.admin_token)
+        body = await self._admin_body(request)
+        if body.to is None:
+            record = self.worker.turn_canary_off(body.model)
+            return json_response({"model": body.model, "rolled_back": record.model_dump(mode="json")})
+        await anyio.to_thread.run_sync(self.worker.serve_version, body.model, body.to)
+        return json_response({"model": body.model, "stable": body.to})
+
+    @answers_errors
+    async def admin_promote(self, request: Request) -> Response:
+        """``POST /admin/promote``: the canary becomes the stable version."""
+        check_admin(request, self.settings.admin_token)
+        body = await self._admin_body(request)
+        stable = await anyio.to_thread.run_sync(self.worker.promote_canary, body.model)
+        return json_response({"model": body.model, "stable": stable})
+
+    async def _admin_body(self, request: Request) -> AdminModelRequest:
+        check_content_type(request)
+        payload = parse_json(await read_body(request, self.settings.max_body_bytes))
+        try:
+            body = AdminModelRequest.model_validate(payload)
+        except ValueError as exc:
+            raise BadRequest(f"expected {{model, to?}}: {exc}", code="invalid_request") from None
+        self.worker.check_model(body.model, body.to)
+        return body
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing it as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_size = int(declared)
+        except ValueError:
+            raise BadRequest(f"invalid Content-Length header: {declared!r}", code="bad_header") from None
+        if declared_size > limit:
+            raise PayloadTooLarge(f"request body of {declared_size} bytes is over the {limit}-byte limit", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # a chunked body has no Content-Length: stop reading once past the limit
+            raise PayloadTooLarge(f"request body is over the {limit}-byte limit", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_admin(request: Request, token: SecretStr | None) -> None:
+    if token is None:
+        raise Forbidden("admin endpoints are disabled: set VIGIL_ADMIN_TOKEN to enable them")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+def check_content_type(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return  # curl-style clients without a header still send JSON; the parser decides
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got '{media or content_type}'")

@@ -1,0 +1,223 @@
+"""One request's answer: which rows the model answers and which the fallback does, and why.
+
+Rows with a null the model cannot take, rows whose output is non-finite or out
+of range, and every row of a call that failed or timed out go to the
+fallback, each with its reason; a model that is degraded (failed to load, drift
+or quality verdict, open breaker) sends the whole request there. Fast model
+calls run on the event loop, slow ones on the model threads, within the
+model's time budget either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from monitoring.predlog import LoggedRequest
+from service.core.predictor import Batch, ModelTimeout, Predictions, Predictor, binary_or_top_score
+from service.inputs import PredictRequest
+from service.serving.deploy import ModelPolicy
+from service.serving.routing import ModelEntry, ServedVersion, degraded_reason, invalid_rows, merge
+
+log = logging.getLogger("vigil.serving")
+
+
+@dataclass
+class Outcome:
+    """What answered each row of a request, and what its metrics need."""
+
+    predictions: Predictions
+    reasons: list[str | None]
+    errored: bool = False  # the model raised or timed out
+    # What the request's metrics need (recorded once, at its end): the model call that answered
+    # (seconds, instances; 0 instances: no call answered) and its valid outputs.
+    call_seconds: float = 0.0
+    call_size: int = 0
+    answered: Predictions | None = None
+
+
+class Answerer:
+    """Answers validated batches for one worker; owns the threads that slow model calls run on."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vigil-model")
+
+    async def answer(self, entry: ModelEntry, served: ServedVersion, batch: Batch) -> Outcome:
+        """Answer every row of a validated batch: the model where it may, the fallback (with a reason) elsewhere."""
+        n = batch.size
+        everything = np.arange(n)
+        reason = degraded_reason(served, entry.policy)
+        if reason is not None:
+            return Outcome(self.call_fallback(served, batch, reason), [reason] * n)
+        # Rows with a null go to the fallback when the model cannot take NaN.
+        to_fallback: dict[str, np.ndarray] = {}
+        model_rows = everything
+        if batch.has_nulls and not served.card.handles_missing:
+            nulls = _null_rows(batch)
+            to_fallback["missing_input"] = everything[nulls]
+            model_rows = everything[~nulls]
+        parts: list[tuple[np.ndarray, Predictions]] = []
+        call_seconds, call_size = 0.0, 0
+        answered: Predictions | None = None
+        if len(model_rows):
+            sub = batch if len(model_rows) == n else _take(batch, model_rows)
+            predictions, failure, call_seconds = await self._call(served, entry.policy, sub)
+            if failure is not None:
+                to_fallback[failure] = model_rows
+                served.breaker.record(False)
+            else:
+                assert predictions is not None
+                call_size = sub.size
+                bad = invalid_rows(served.card, predictions, entry.policy.output_range_margin)
+                # One count serves both the breaker and the check (any() and sum() would be two passes).
+                bad_count = int(np.count_nonzero(bad))
+                served.breaker.record(bad_count == 0)
+                if bad_count:
+                    if served.metrics is not None:
+                        served.metrics.record_invalid_outputs(bad_count)
+                    to_fallback["invalid_output"] = model_rows[bad]
+                    keep = ~bad
+                    predictions = _subset(predictions, keep)
+                    model_rows = model_rows[keep]
+                if len(model_rows):
+                    parts.append((model_rows, predictions))
+                    answered = predictions
+        reasons: list[str | None] = [None] * n
+        for why, rows in to_fallback.items():
+            if len(rows) == 0:
+                continue
+            sub = _take(batch, rows)
+            fallback_predictions = self.call_fallback(served, sub, why)
+            parts.append((rows, fallback_predictions))
+            for i in rows.tolist():
+                reasons[i] = why
+        errored = "model_error" in to_fallback or "timeout" in to_fallback
+        return Outcome(merge(n, parts), reasons, errored, call_seconds, call_size, answered)
+
+    async def _call(self, served: ServedVersion, policy: ModelPolicy,
+                    batch: Batch) -> tuple[Predictions | None, str | None, float]:
+        """Call the model within its time budget: (predictions, None, seconds) or (None, failure reason, 0.0).
+
+        A failed call is recorded here; a successful one by the request's
+        :meth:`BoundModelMetrics.record_request` once the request ends.
+        """
+        assert served.predictor is not None
+        budget = policy.timeout_ms / 1000
+        started = time.perf_counter()
+        inline = served.calls_inline(started)
+        try:
+            if inline:
+                predictions, seconds = _timed_predict(served.predictor, batch, budget)
+            else:
+                # A slow model runs on a thread so the worker keeps answering health checks
+                # and other models meanwhile; the watchdog still cancels it at the budget.
+                loop = asyncio.get_running_loop()
+                predictions, seconds = await loop.run_in_executor(
+                    self._executor, _timed_predict, served.predictor, batch, budget)
+        except ModelTimeout:
+            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline, True)
+            return None, "timeout", 0.0
+        except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
+            self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size, inline)
+            log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
+                        type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            return None, "model_error", 0.0
+        served.note_call(seconds, started, inline)
+        return predictions, None, seconds
+
+    def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int, inline: bool,
+                      timed_out: bool = False) -> None:
+        served.note_call(seconds, time.perf_counter(), inline, timed_out)
+        if served.metrics is not None:
+            served.metrics.record_error(kind)
+            served.metrics.record_call(seconds, size)
+
+    def call_fallback(self, served: ServedVersion, batch: Batch, reason: str) -> Predictions:
+        started = time.perf_counter()
+        predictions = served.fallback.predict(batch)
+        if served.fallback_metrics is not None:
+            served.fallback_metrics.record_call(time.perf_counter() - started, batch.size, predictions)
+            served.fallback_metrics.record_fallback(reason, batch.size)
+        return predictions
+
+    def close(self) -> None:
+        """Release the model-call threads."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed_predict(predictor: Predictor, batch: Batch, budget: float) -> tuple[Predictions, float]:
+    started = time.perf_counter()
+    return predictor.predict(batch, budget), time.perf_counter() - started
+
+
+def _null_rows(batch: Batch) -> np.ndarray:
+    if batch.matrix is not None:
+        return np.isnan(batch.matrix).any(axis=1)
+    assert batch.columns is not None
+    nulls = np.zeros(batch.size, dtype=bool)
+    for values in batch.columns.values():
+        nulls |= np.fromiter((v is None for v in values), dtype=bool, count=batch.size)
+    return nulls
+
+
+def _take(batch: Batch, rows: np.ndarray) -> Batch:
+    if batch.matrix is not None:
+        sub = batch.matrix[rows]
+        return Batch(size=len(rows), matrix=sub, has_nulls=bool(np.isnan(sub).any()))
+    assert batch.columns is not None
+    picked = rows.tolist()
+    columns = {name: [values[i] for i in picked] for name, values in batch.columns.items()}
+    return Batch(size=len(rows), columns=columns,
+                 has_nulls=any(v is None for values in columns.values() for v in values))
+
+
+def _subset(predictions: Predictions, keep: np.ndarray) -> Predictions:
+    if predictions.values is not None:
+        return Predictions(values=predictions.values[keep])
+    assert predictions.labels is not None and predictions.probabilities is not None
+    return Predictions(labels=[label for label, k in zip(predictions.labels, keep.tolist()) if k],
+                       probabilities=predictions.probabilities[keep])
+
+
+def response_items(served: ServedVersion, outcome: Outcome) -> list[dict[str, Any]]:
+    version, variant = served.card.version, served.variant
+    predictions = outcome.predictions
+    items: list[dict[str, Any]]
+    if predictions.values is not None:
+        items = [{"version": version, "variant": variant, "value": v} for v in predictions.values.tolist()]
+    else:
+        assert predictions.labels is not None and predictions.probabilities is not None
+        keys = [str(label) for label in served.card.labels or []]
+        items = [
+            {"version": version, "variant": variant, "label": label, "probabilities": dict(zip(keys, row))}
+            for label, row in zip(predictions.labels, predictions.probabilities.tolist())
+        ]
+    for item, reason in zip(items, outcome.reasons):
+        if reason is not None:
+            item["variant"] = "fallback"
+            item["reason"] = reason
+    return items
+
+
+def log_record(served: ServedVersion, request: PredictRequest, request_id: str, batch: Batch,
+                outcome: Outcome) -> LoggedRequest:
+    predictions = outcome.predictions
+    if predictions.values is not None:
+        prediction: list[Any] = predictions.values.tolist()
+        score = None
+    else:
+        assert predictions.labels is not None and predictions.probabilities is not None
+        prediction = predictions.labels
+        score = binary_or_top_score(predictions.probabilities).tolist()
+    has_fallback = any(r is not None for r in outcome.reasons)
+    # With the numeric matrix the log needs the instance dicts only to hash PII features.
+    keep_instances = batch.matrix is None or served.card.hashes_pii
+    return LoggedRequest(time=time.time(), request_id=request_id, card=served.card, variant=served.variant,
+                         instances=request.instances if keep_instances else None, prediction=prediction, score=score,
+                         reasons=outcome.reasons if has_fallback else None, matrix=batch.matrix)

@@ -1,0 +1,167 @@
+"""One worker process, composed in one place: the model server, the recorders and every background thread.
+
+:class:`Worker` builds every part in ``__init__`` and starts and stops them in
+one visible list (:meth:`Worker.parts`), so nothing runs that is not named
+here. The HTTP layer holds a worker and calls it; the worker knows nothing of
+HTTP or BentoML (the worker's label comes in from outside).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from monitoring.metrics import ProcessSampler, VigilMetrics, live_worker_pids
+from monitoring.predlog import PredictionLog
+from service.core.errors import Conflict, ModelNotFound
+from service.core.settings import Settings
+from service.feedback import FeedbackService
+from service.serving.control import ControlLoop
+from service.serving.deploy import (
+    DeployConfig,
+    DeployConfigError,
+    RollbackRecord,
+    clear_rollback,
+    edit_deploy,
+    load_deploy,
+    promote,
+    rollback_to,
+)
+from service.serving.server import ModelServer
+
+log = logging.getLogger("vigil.worker")
+
+Part = tuple[str, Callable[[], None], Callable[[], None]]
+"""A background part of the worker: its name, how it starts, how it stops."""
+
+
+class Worker:
+    """Everything one worker runs: build it, :meth:`start` it, :meth:`stop` it.
+
+    Usage::
+
+        worker = Worker(Settings(), label="0")
+        worker.start()          # loads the models, then starts every background part
+        answer = await worker.server.predict(request, worker.next_request_id())
+        worker.stop()           # stops them in reverse order; buffered log rows are written
+    """
+
+    def __init__(self, settings: Settings, label: str = "0") -> None:
+        self.settings = settings
+        self.label = label
+        self.metrics = VigilMetrics(flush_seconds=settings.metrics_flush_seconds) if settings.metrics_enabled else None
+        self.predlog = PredictionLog(
+            settings.data_dir, label, self.metrics, flush_interval=settings.predlog_flush_seconds,
+            max_buffer_rows=settings.predlog_buffer_rows, pii_salt=settings.pii_salt,
+            sample_rate=settings.predlog_sample_rate,
+        ) if settings.predlog_enabled else None
+        self.server = ModelServer(settings, self.metrics, self.predlog, _initial_deploy(settings))
+        self.feedback = FeedbackService(settings.data_dir, self.metrics)
+        self.control = ControlLoop(self.server, settings.control_interval_seconds)
+        self.sampler = (ProcessSampler(self.metrics, label, settings.process_sample_seconds)
+                        if self.metrics is not None else None)
+        # Request ids: a random per-worker prefix and a counter (uuid4() asks the kernel for
+        # randomness on every request, which costs more than the id is worth).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
+        self._started = False
+
+    def parts(self) -> list[Part]:
+        """Every background part, in start order (stopped in reverse)."""
+        parts: list[Part] = [("control loop", self.control.start, self.control.stop)]
+        if self.predlog is not None:
+            parts.append(("prediction log writer", self.predlog.start, self.predlog.close))
+        if self.sampler is not None:
+            parts.append(("process sampler", self.sampler.start, self.sampler.stop))
+        if self.metrics is not None:
+            parts.append(("metrics flusher", self.metrics.start_flushing, self.metrics.stop_flushing))
+        parts.append(("model threads and sessions", lambda: None, self.server.close))
+        return parts
+
+    def start(self) -> None:
+        """Load every model the deploy config names (failures answered by fallbacks), then start every part."""
+        self.server.load_all()
+        for _, start, _ in self.parts():
+            start()
+        self._started = True
+
+    def stop(self) -> None:
+        """Stop every part in reverse order; the prediction log writes what it buffered."""
+        self._started = False
+        for name, _, stop in reversed(self.parts()):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - one part failing to stop must not keep the others running
+                log.exception("stopping the %s failed", name)
+
+    def next_request_id(self) -> str:
+        """A new request id, unique across this worker's lifetime and, by its random prefix, across workers."""
+        return f"{self._id_prefix}{next(self._ids):016x}"
+
+    # ------------------------------------------------------------------ readiness
+
+    def is_ready(self) -> bool:
+        """Started, with its control loop alive (without it, deploy changes and verdicts would be missed)."""
+        return self._started and self.control.alive
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` answers: ready, every model that does not serve from its own model, and the workers.
+
+        A dead worker makes the service not ready: outside a container BentoML
+        replaces it within seconds, inside one (``BENTOML_CONTAINERIZED``) it does
+        not, and the orchestrator must see that instead of a silently smaller server.
+        """
+        report: dict[str, Any] = {"ready": self.is_ready(), "not_ready": self.server.not_ready(),
+                                  "models": {m["name"]: m["state"] for m in self.server.describe()}}
+        multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if multiproc_dir and self.metrics is not None:
+            alive = len(live_worker_pids(multiproc_dir))
+            report["workers"] = {"expected": self.settings.workers, "alive": alive}
+            if alive < self.settings.workers:
+                report["ready"] = False
+        return report
+
+    # ------------------------------------------------------------------ operator actions
+
+    def check_model(self, model: str, version: str | None = None) -> None:
+        """404 unless ``model`` (and ``version``, when given) is registered."""
+        if model not in self.server.models:
+            raise ModelNotFound(f"no model named '{model}'")
+        if version is not None and version not in self.server.registry.versions(model):
+            raise ModelNotFound(f"model '{model}' has no version '{version}'")
+
+    def turn_canary_off(self, model: str) -> RollbackRecord:
+        """Roll the live canary back (recorded in the state file, so it survives restarts)."""
+        return self.server.rollback(model, "manual")
+
+    def serve_version(self, model: str, version: str) -> None:
+        """Edit deploy.yaml so ``version`` is stable and no canary runs, then reload."""
+        registry = self.server.registry
+        versions = {name: registry.versions(name) for name in registry.names()}
+        edit_deploy(self.settings.deploy, lambda doc: rollback_to(doc, model, version), versions)
+        self.server.reload()
+
+    def promote_canary(self, model: str) -> str:
+        """Edit deploy.yaml so the canary becomes stable, clear its rollback record, reload; returns the version."""
+        promoted: list[str] = []
+        try:
+            edit_deploy(self.settings.deploy, lambda doc: promoted.append(promote(doc, model)))
+        except DeployConfigError as exc:
+            raise Conflict(exc.message) from None
+        clear_rollback(self.settings.data_dir, model)
+        self.server.reload()
+        return promoted[0]
+
+
+def _initial_deploy(settings: Settings) -> DeployConfig:
+    try:
+        return load_deploy(settings.deploy)
+    except DeployConfigError as exc:
+        # Refusing to start would crash-loop the workers; serve every model's newest
+        # version with default policies and say so loudly.
+        log.error("deploy config refused, serving defaults: %s", exc.message)
+        return DeployConfig()
