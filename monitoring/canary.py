@@ -12,7 +12,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -103,6 +103,19 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+class Rules(Protocol):
+    """The limits a canary is judged against (``rollback_when`` of the deploy config)."""
+
+    min_requests: int
+    error_rate_increase: float
+    p95_latency_ratio: float
+    latency_floor_ms: float
+    fallback_rate_increase: float
+    prediction_shift: float
+    miss_rate_increase: float
+    min_labelled: int
+
+
 @dataclass(frozen=True)
 class Breach:
     """Why a canary must be rolled back, with the figures that breached."""
@@ -126,7 +139,7 @@ class CanaryComparison:
         """The stats of ``stable`` or ``canary``."""
         return self.canary if name == "canary" else self.stable
 
-    def evaluate(self, rules: Any, min_stable_requests: int = 20) -> Breach | None:
+    def evaluate(self, rules: Rules, min_stable_requests: int = 20) -> Breach | None:
         """A :class:`Breach` when the canary is worse than stable beyond the rules, else None.
 
         Nothing is judged before ``rules.min_requests`` canary requests (and a

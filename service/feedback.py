@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from monitoring.canary import CanaryComparison
 from monitoring.feedback import FeedbackRow, PredictionIndex, write_feedback
 from monitoring.metrics import FeedbackMetrics, VigilMetrics
 from service.core.card import ModelCard
@@ -103,10 +104,10 @@ class FeedbackService:
                              code="invalid_request") from None
 
     def accept(self, request: FeedbackRequest, cards: dict[str, ModelCard],
-               comparisons: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+               comparisons: dict[str, tuple[CanaryComparison, float]] | None = None) -> dict[str, Any]:
         """Validate, join, deduplicate, store and count; returns what was accepted.
 
-        ``comparisons``: model -> (live canary comparison, its rollback rules), fed with the
+        ``comparisons``: model -> (live canary comparison, its regression tolerance), fed with the
         ground truth of both variants' answers.
         """
         card = cards.get(request.model)
@@ -148,7 +149,8 @@ class FeedbackService:
                 self._compare(card, rows, *comparisons[card.name])
         return {"model": card.name, "accepted": len(rows), "duplicates": duplicates}
 
-    def _compare(self, card: ModelCard, rows: list[FeedbackRow], comparison: Any, rules: Any) -> None:
+    def _compare(self, card: ModelCard, rows: list[FeedbackRow], comparison: CanaryComparison,
+                 regression_tolerance: float) -> None:
         """Feed ground truth of a live canary's and its stable's answers to their comparison."""
         versions = {"stable": comparison.stable_version, "canary": comparison.canary_version}
         span = 1.0
@@ -159,7 +161,7 @@ class FeedbackService:
             if row.prediction.reason is not None or versions.get(variant) != row.prediction.version:
                 continue  # fallback answers and other versions say nothing about this pair
             if card.task == "regression":
-                missed = abs(float(row.actual) - float(row.prediction.prediction)) > rules.regression_tolerance * span
+                missed = abs(float(row.actual) - float(row.prediction.prediction)) > regression_tolerance * span
             else:
                 missed = str(row.actual) != str(row.prediction.prediction)
             comparison.variant(variant).record_feedback(missed)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from monitoring.canary import CanaryComparison
+from monitoring.metrics import BoundModelMetrics
 from service.core.card import ModelCard
 from service.core.predictor import Predictions, Predictor
 from service.inputs import InstanceValidator
@@ -128,8 +129,8 @@ class ServedVersion:
     breaker: Breaker
     variant: str = "stable"
     load_error: str | None = None
-    metrics: Any = None
-    fallback_metrics: Any = None
+    metrics: BoundModelMetrics | None = None
+    fallback_metrics: BoundModelMetrics | None = None
     health: VersionHealth = field(default_factory=VersionHealth)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     load_seconds: float = 0.0

@@ -263,11 +263,11 @@ class ModelServer:
                 outcome.predictions.scores())
         return {"request_id": request_id, "model": request.model, "predictions": items}
 
-    def feedback_targets(self) -> tuple[dict[str, ModelCard], dict[str, tuple[Any, Any]]]:
-        """What ground truth is checked and counted against: each model's stable card, and each
-        live canary comparison with its rollback rules (fed with both variants' actuals)."""
+    def feedback_targets(self) -> tuple[dict[str, ModelCard], dict[str, tuple[CanaryComparison, float]]]:
+        """What ground truth is checked and counted against: each model's stable card, and each live
+        canary comparison with the tolerance that makes a regression answer wrong (fed with both variants' actuals)."""
         cards = {name: entry.stable.card for name, entry in self.models.items() if entry.stable is not None}
-        comparisons = {name: (entry.comparison, entry.policy.canary.rollback_when)
+        comparisons = {name: (entry.comparison, entry.policy.canary.rollback_when.regression_tolerance)
                        for name, entry in self.models.items()
                        if entry.comparison is not None and entry.policy.canary is not None}
         return cards, comparisons
