@@ -68,36 +68,38 @@ class Handlers:
         self.metrics = worker.metrics
         self.readiness = worker.readiness
         self._in_flight = 0
+        self._next_request_id = worker.next_request_id
 
     @answers_errors
     async def predict(self, request: Request) -> Response:
-        """``POST /predict``: ``{"model", "instances", "key"}`` answered with one prediction per instance."""
-        request_id = self.worker.next_request_id()
+        """``POST /predict``: ``{"model", "instances", "key"}`` answered with one prediction per instance.
+
+        Refused at once with 429 when the worker is at its concurrency limit, and
+        with 504 past the request timeout; every answer carries the request id.
+        """
+        request_id = self._next_request_id()
+        settings = self.settings
         try:
-            return await self._predict_within_limits(request, request_id)
+            if self._in_flight >= settings.max_concurrency:
+                # Refuse at once, before reading the body: queueing would only add latency to
+                # every request while the worker is saturated.
+                if self.metrics is not None:
+                    self.metrics.counter(self.metrics.overloaded, "/predict").inc()
+                raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
+            self._in_flight += 1
+            try:
+                # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
+                async with asyncio.timeout(settings.request_timeout_seconds):
+                    return await self._predict(request, request_id)
+            except TimeoutError:
+                if self.metrics is not None:
+                    self.metrics.counter(self.metrics.request_timeouts, "/predict").inc()
+                raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
+            finally:
+                self._in_flight -= 1
         except VigilError as exc:
             exc.headers = {**exc.headers, "X-Request-ID": request_id}
             raise
-
-    async def _predict_within_limits(self, request: Request, request_id: str) -> Response:
-        settings = self.settings
-        if self._in_flight >= settings.max_concurrency:
-            # Refuse at once, before reading the body: queueing would only add latency to
-            # every request while the worker is saturated.
-            if self.metrics is not None:
-                self.metrics.counter(self.metrics.overloaded, "/predict").inc()
-            raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
-        self._in_flight += 1
-        try:
-            # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
-            async with asyncio.timeout(settings.request_timeout_seconds):
-                return await self._predict(request, request_id)
-        except TimeoutError:
-            if self.metrics is not None:
-                self.metrics.counter(self.metrics.request_timeouts, "/predict").inc()
-            raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
-        finally:
-            self._in_flight -= 1
 
     async def _predict(self, request: Request, request_id: str) -> Response:
         model: str | None = None
