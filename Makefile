@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 3000
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install examples serve bench clean
+.PHONY: demo test install examples serve bench clean flake-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ test: $(STAMP)
 apt-deps:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus wrk >/dev/null
+
+## The whole suite RUNS times in a row with `stress-ng --cpu 2` loading the machine beside it; stops at the first failure.
+RUNS ?= 3
+flake-check: $(STAMP)
+	@command -v stress-ng >/dev/null || { echo "flake-check needs stress-ng (apt-get install stress-ng)"; exit 2; }
+	@stress-ng --cpu 2 --quiet & STRESS=$$!; trap "kill $$STRESS 2>/dev/null" EXIT; \
+	for run in $$(seq 1 $(RUNS)); do \
+	  echo "== stressed run $$run of $(RUNS)"; \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
