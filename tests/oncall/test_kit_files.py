@@ -3,7 +3,7 @@
 - prometheus.yml and monitoring/alerts.yml through promtool (config, rules, the unit tests), and the
   unit tests cover every alert both ways;
 - the Grafana dashboards: valid JSON, four fixed uids, unique panel ids, the provisioned datasource,
-  every variable defined, every metric defined in monitoring/metrics.py;
+  every variable defined, every metric defined in monitoring/metrics/families.py;
 - docker-compose.yml against the Compose Specification's JSON schema (``compose-spec.json``,
   vendored from compose-spec/compose-spec, ``schema/compose-spec.json``), its mounts against the
   repository, and the port, health check and scrape target of the service against each other and
@@ -154,16 +154,16 @@ def test_every_variable_used_is_defined(name: str) -> None:
 
 
 def metric_names() -> set[str]:
-    """Every series name monitoring/metrics.py can export (family names with their sample suffixes)."""
-    families = set(re.findall(r'"(vigil_[a-z0-9_]+)"', (kit.ROOT / "monitoring" / "metrics.py").read_text()))
+    """Every series name monitoring/metrics/families.py defines (family names with their sample suffixes)."""
+    families = set(re.findall(r'"(vigil_[a-z0-9_]+)"', (kit.ROOT / "monitoring" / "metrics" / "families.py").read_text()))
     return {family + suffix for family in families for suffix in METRIC_SUFFIXES}
 
 
-def test_every_metric_queried_is_defined_in_metrics_py() -> None:
+def test_every_metric_queried_is_defined_in_the_families() -> None:
     known = metric_names()
     exprs = [q.expr for q in kit.all_queries()] + [rule["expr"] for rule in kit.alert_rules()]
     unknown = {name for expr in exprs for name in _METRIC_RE.findall(expr)} - known
-    assert not unknown, f"not defined in monitoring/metrics.py: {sorted(unknown)}"
+    assert not unknown, f"not defined in monitoring/metrics/families.py: {sorted(unknown)}"
 
 
 def test_grafana_provisioning_points_at_the_mounted_dashboards() -> None:
