@@ -68,14 +68,6 @@ class DeferredGauge:
         self.value: float = 0
         self._flushed: float | None = None
 
-    def inc(self, amount: float = 1) -> None:
-        """Raise the value."""
-        self.value += amount
-
-    def dec(self, amount: float = 1) -> None:
-        """Lower the value."""
-        self.value -= amount
-
     def flush(self) -> None:
         """Export the current value if it changed."""
         value = self.value
