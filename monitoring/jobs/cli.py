@@ -23,7 +23,7 @@ import typer
 from service.core.errors import ModelNotFound, VigilError
 
 if TYPE_CHECKING:
-    from monitoring.jobs.drift import DriftResult
+    from monitoring.verdicts import DriftResult
 
 EXIT_OK = 0
 EXIT_ERROR = 1

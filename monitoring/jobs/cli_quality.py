@@ -29,7 +29,7 @@ from monitoring.jobs.cli import (
 from service.core.errors import ModelNotFound, VigilError
 
 if TYPE_CHECKING:
-    from monitoring.jobs.quality import PerformanceResult
+    from monitoring.verdicts import PerformanceResult
 
 EXIT_DEGRADED = 3
 DEFAULT_LAST = "7d"

@@ -53,8 +53,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from monitoring.jobs.files import LATEST_FILE, TooFewRows, read_latest_result, run_dir, version_dir
+from monitoring.jobs.files import TooFewRows, run_dir, version_dir
 from monitoring.predlog import read_log, segment_files
+from monitoring.verdicts import (
+    DRIFT_DIR,
+    LATEST_FILE,
+    DriftResult,
+    FeatureDrift,
+    PredictionDrift,
+    Rows,
+    SkippedFeature,
+    VerdictError,
+    Window,
+)
 from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, FeatureSpec, ModelCard
 from service.core.errors import ModelNotFound, describe_validation
 from service.core.files import atomic_write, write_text_atomic
@@ -65,7 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vigil.drift")
 
-DRIFT_DIR = "drift"
 REPORT_FILE = "report.html"
 RESULT_FILE = "result.json"
 
@@ -90,7 +100,7 @@ STAGES = ("reading the prediction log", "loading Evidently", "computing drift", 
 # ----------------------------------------------------------------------------- errors
 
 
-class DriftError(Exception):
+class DriftError(VerdictError):
     """The drift job cannot run; the message says why."""
 
 
@@ -106,7 +116,7 @@ class NotEnoughRows(TooFewRows, DriftError):
         super().__init__(model, version, rows, min_rows, since, until, "logged row(s)", "drift")
 
 
-# ----------------------------------------------------------------------------- result
+# ----------------------------------------------------------------------------- configuration
 
 
 class StatTestOverride(BaseModel):
@@ -118,113 +128,6 @@ class StatTestOverride(BaseModel):
     """Name of an Evidently stat test (``ks``, ``wasserstein``, ``psi``, ``jensenshannon``, ``chisquare``, ...)."""
     threshold: float | None = Field(None, gt=0)
     """Drift threshold of the test (p-value below it, or distance at or above it, means drift)."""
-
-
-class Window(BaseModel):
-    """The time window compared: ``since <= time < until`` (UTC)."""
-
-    since: datetime | None
-    """Start of the window; None means from the oldest retained row."""
-    until: datetime
-    first_row: datetime | None = None
-    """Time of the oldest logged row in the window."""
-    last_row: datetime | None = None
-    """Time of the newest logged row in the window."""
-
-
-class Rows(BaseModel):
-    """How many rows were compared, and how they were chosen."""
-
-    window: int
-    """Logged rows of this model version in the window."""
-    current: int
-    """Rows of the window given to Evidently."""
-    current_sampling: Literal["none", "time-stratified"]
-    """``time-stratified``: rows sorted by time, cut into ``current`` equal strata, one row drawn from each."""
-    reference_available: int
-    """Rows in the version's reference data."""
-    reference: int
-    """Reference rows given to Evidently."""
-    reference_sampling: Literal["none", "random"]
-    seed: int | None = None
-    """Seed of the sampling (derived from model, version and window, so a re-run draws the same rows)."""
-    sample_rule: str
-    """Why ``current`` rows were compared."""
-
-
-class FeatureDrift(BaseModel):
-    """The verdict on one feature."""
-
-    type: Literal["numerical", "categorical"]
-    stat_test: str
-    """Evidently's name of the test used (``ks``, ``wasserstein``, ...)."""
-    stat_test_display: str
-    """Evidently's display name of the test (``K-S p_value``, ...)."""
-    score: float | None
-    """The test's value: a p-value (drift when below the threshold) or a distance (drift when at or above it);
-    None when Evidently could not compute it."""
-    threshold: float
-    drifted: bool
-    missing_share: float
-    """Share of the window's rows without a value (whole window, not the sample)."""
-    out_of_range_share: float | None
-    """Share of the window's values outside the card's reference [min, max] (numbers) or categories (strings);
-    None when the card has no range for the feature."""
-
-
-class PredictionDrift(BaseModel):
-    """The verdict on the model's output."""
-
-    column: str
-    """``prediction_score`` (binary classifiers), else ``prediction`` (value, or label of a multiclass model)."""
-    type: Literal["numerical", "categorical"]
-    stat_test: str
-    stat_test_display: str
-    score: float | None
-    threshold: float
-    drifted: bool
-    rows: int
-    """Compared rows the model answered: rows the fallback answered carry its output, not the model's."""
-
-
-class SkippedFeature(BaseModel):
-    """A card feature that was not compared, and why."""
-
-    feature: str
-    reason: str
-
-
-class DriftResult(BaseModel):
-    """What one drift run concluded; stored as ``result.json`` and ``latest.json``."""
-
-    schema_version: int = 1
-    model: str
-    version: str
-    task: str
-    window: Window
-    rows: Rows
-    features: dict[str, FeatureDrift]
-    """Compared features, in the card's order."""
-    skipped_features: list[SkippedFeature] = Field(default_factory=list)
-    drifted_features: list[str]
-    drift_share: float
-    """Share of compared features that drifted (Evidently's ``DriftedColumnsCount``)."""
-    drift_share_threshold: float
-    dataset_drift: bool
-    """Evidently's dataset drift rule: ``drift_share >= drift_share_threshold``."""
-    prediction: PredictionDrift | None
-    drift_detected: bool
-    """The job's verdict (``vigil drift run`` exits 3): dataset drift, or drift of the model's output.
-
-    Per-feature tests at a 5% level flag some feature of a wide model in most healthy windows, which is why
-    Evidently asks for a share of them; a drifted output is one test, and the change that matters.
-    """
-    notes: list[str] = Field(default_factory=list)
-    evidently_version: str
-    duration_seconds: float
-    created_at: datetime
-    report_html: str
-    result_json: str
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -883,7 +786,3 @@ def _evidently_report(current: pd.DataFrame, reference: pd.DataFrame, columns: l
     if count is None:
         raise DriftError(f"Evidently's report has no DriftedColumnsCount result (metric {count_id})")
     return snapshot, verdicts, float(count.share.value)
-
-def read_latest(data_dir: Path, model: str, version: str | None = None) -> DriftResult | None:
-    """The newest drift result of a model version (of any version when None); None when there is none."""
-    return read_latest_result(data_dir, DRIFT_DIR, model, version, DriftResult, DriftError)

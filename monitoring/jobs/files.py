@@ -1,25 +1,18 @@
-"""Where the batch jobs (drift, quality) keep their results, and how they write them safely.
+"""Where the batch jobs (drift, quality) keep their results, and what both raise for a window too thin.
 
 Each job writes ``<data_dir>/<job>/<model>/<version>/<UTC timestamp>/`` (the
 report and ``result.json``) and keeps ``<data_dir>/<job>/<model>/<version>/latest.json``
-current. Every file is written under a temporary name and renamed into place, so
-a reader (the service polls ``latest.json``) never sees half a file. The
-service's own files use the same
-:func:`service.core.files.atomic_write`; :class:`TooFewRows` is what both jobs raise when a window
-is too thin for a verdict.
+current. Every file is written under a temporary name and renamed into place
+(:func:`service.core.files.atomic_write`, which the service's own files use too),
+so a reader never sees half a file; the service reads ``latest.json`` through
+:mod:`monitoring.verdicts`. :class:`TooFewRows` is what both jobs raise when a
+window is too thin for a verdict.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
-
-from pydantic import BaseModel, ValidationError
-
-LATEST_FILE = "latest.json"
-
-R = TypeVar("R", bound=BaseModel)
 
 
 class TooFewRows(Exception):
@@ -65,22 +58,3 @@ def run_dir(data_dir: Path, job: str, model: str, version: str, created_at: date
             continue
     raise error(f"cannot create a run directory under {base}: {stamp} and 998 suffixes are taken")
 
-
-def read_latest_result(data_dir: Path, job: str, model: str, version: str | None, result: type[R],
-                       error: type[Exception]) -> R | None:
-    """The newest ``latest.json`` of a model version (of any version when None), or None; ``error`` names a bad file."""
-    base = Path(data_dir) / job / model
-    paths = [base / version / LATEST_FILE] if version else sorted(base.glob(f"*/{LATEST_FILE}"))
-    results = []
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise error(f"cannot read {path}: {exc}") from exc
-        try:
-            results.append(result.model_validate_json(text))
-        except ValidationError as exc:
-            raise error(f"{path} is not a {job} result: {exc.errors()[0]['msg']}") from exc
-    return max(results, key=lambda r: r.created_at, default=None)  # type: ignore[attr-defined]

@@ -62,12 +62,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from monitoring.feedback import read_feedback
-from monitoring.jobs.drift import FALLBACK_REASON, Window, _registered_versions, _utc, default_until
-from monitoring.jobs.files import LATEST_FILE, TooFewRows, read_latest_result, run_dir, version_dir
+from monitoring.jobs.drift import FALLBACK_REASON, _registered_versions, _utc, default_until
+from monitoring.jobs.files import TooFewRows, run_dir, version_dir
 from monitoring.predlog import read_log
+from monitoring.verdicts import (
+    LATEST_FILE,
+    PERFORMANCE_DIR,
+    BaselineCheck,
+    ClassShare,
+    FeedbackRows,
+    PerformanceResult,
+    VerdictError,
+    Window,
+)
 from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard
 from service.core.files import atomic_write, write_text_atomic
 from service.registry.store import Registry
@@ -77,7 +86,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vigil.performance")
 
-PERFORMANCE_DIR = "performance"
 REPORT_FILE = "report.html"
 RESULT_FILE = "result.json"
 
@@ -116,7 +124,7 @@ _SCORES_TASK = "scores"
 # ----------------------------------------------------------------------------- errors
 
 
-class PerformanceError(Exception):
+class PerformanceError(VerdictError):
     """The quality job cannot run; the message says why."""
 
 
@@ -133,88 +141,6 @@ class NotEnoughFeedback(TooFewRows, PerformanceError):
         super().__init__(model, version, rows, min_rows, since, until, "prediction(s) with feedback", "quality",
                          excluded)
         self.fallback = fallback
-
-
-# ----------------------------------------------------------------------------- result
-
-
-class FeedbackRows(BaseModel):
-    """How many predictions of the window had feedback, and which of them were judged."""
-
-    logged: int
-    """Predictions of this version in the window (the log's rows)."""
-    with_feedback: int
-    """Of those, predictions that have feedback."""
-    fallback: int
-    """Predictions with feedback that the fallback answered: not the model's, left out of quality and bias."""
-    evaluated: int
-    """Predictions with feedback answered by the model: what quality and bias are computed on."""
-    by_variant: dict[str, int]
-    """Evaluated rows per variant the version served as (``stable``, ``canary``)."""
-    feedback_coverage: float
-    """``with_feedback / logged``: how much of the window the truth covers so far."""
-
-
-class ClassShare(BaseModel):
-    """One class: how often it was predicted and observed among the evaluated rows."""
-
-    predicted: float
-    observed: float
-    bias: float
-    """``predicted - observed``: positive when the model predicts the class more often than it happens."""
-
-
-class BaselineCheck(BaseModel):
-    """One live metric against the card's training metric."""
-
-    kind: Literal["score", "error"]
-    """``score``: higher is better, absolute tolerance; ``error``: lower is better, relative tolerance."""
-    baseline: float
-    live: float
-    change: float
-    """``live - baseline``."""
-    limit: float
-    """The worst live value still accepted: ``baseline - tolerance`` or ``baseline * (1 + error_tolerance)``."""
-    degraded: bool
-
-
-class PerformanceResult(BaseModel):
-    """What one quality run concluded; stored as ``result.json`` and ``latest.json``."""
-
-    schema_version: int = 1
-    model: str
-    version: str
-    task: str
-    window: Window
-    """The prediction-time window (``first_row``/``last_row``: the version's logged predictions in it)."""
-    rows: FeedbackRows
-    metrics: dict[str, float | None]
-    """Classification: accuracy, precision, recall, f1, roc_auc; regression: mae, rmse, mape (fraction), r2.
-    None when a metric cannot be computed on the window (the notes say why)."""
-    averaging: Literal["binary", "macro"] | None = None
-    """How precision, recall and F1 were averaged (classification)."""
-    positive_label: str | None = None
-    """The class whose precision/recall/F1/ROC AUC a binary model is judged on (the card's second label)."""
-    class_shares: dict[str, ClassShare] = Field(default_factory=dict)
-    """Per class (the card's labels, as text), classification only."""
-    prediction_bias: dict[str, float]
-    """What ``vigil_prediction_bias{class}`` exports: class -> predicted minus observed share (classification),
-    or ``value`` -> mean of ``actual - predicted`` (regression)."""
-    baseline: dict[str, BaselineCheck]
-    """Metrics of the card's ``training.metrics`` that were also computed live."""
-    unchecked_baseline: list[str] = Field(default_factory=list)
-    """Card metrics that could not be compared (not computed live, or not known to be a score or an error)."""
-    tolerance: float
-    error_tolerance: float
-    degraded_metrics: list[str]
-    quality_degraded: bool
-    """The job's verdict (``vigil performance run`` exits 3): some baseline metric is beyond its tolerance."""
-    notes: list[str] = Field(default_factory=list)
-    evidently_version: str
-    duration_seconds: float
-    created_at: datetime
-    report_html: str
-    result_json: str
 
 
 # ----------------------------------------------------------------------------- joining
@@ -388,14 +314,6 @@ def compare_with_baseline(live: dict[str, float | None], baseline: dict[str, flo
         else:
             unchecked.append(raw_name)
     return checks, unchecked
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def read_latest_performance(data_dir: Path, model: str, version: str | None = None) -> PerformanceResult | None:
-    """The newest quality result of a model version (of any version when None); None when there is none."""
-    return read_latest_result(data_dir, PERFORMANCE_DIR, model, version, PerformanceResult, PerformanceError)
 
 
 # ----------------------------------------------------------------------------- the job

@@ -16,8 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from monitoring.jobs.drift import DRIFT_DIR, LATEST_FILE, DriftError, read_latest
-from monitoring.jobs.quality import PERFORMANCE_DIR, PerformanceError, read_latest_performance
+from monitoring.verdicts import (
+    DRIFT_DIR,
+    LATEST_FILE,
+    PERFORMANCE_DIR,
+    VerdictError,
+    read_latest_drift,
+    read_latest_quality,
+)
 from service.serving.deploy import DeployConfigError, state_path
 from service.serving.server import ModelServer
 
@@ -100,12 +106,12 @@ class ControlLoop:
 
     def check_drift(self) -> None:
         """Apply each served version's drift verdict when its ``latest.json`` changed."""
-        self._poll(DRIFT_DIR, self._drift_seen, read_latest, self.server.apply_drift, DriftError)
+        self._poll(DRIFT_DIR, self._drift_seen, read_latest_drift, self.server.apply_drift, VerdictError)
 
     def check_quality(self) -> None:
         """Apply each served version's quality verdict (``vigil performance run``) when its ``latest.json`` changed."""
-        self._poll(PERFORMANCE_DIR, self._quality_seen, read_latest_performance, self.server.apply_quality,
-                   PerformanceError)
+        self._poll(PERFORMANCE_DIR, self._quality_seen, read_latest_quality, self.server.apply_quality,
+                   VerdictError)
 
     def reload(self, why: str) -> DeployConfigError | None:
         """Reload now; an invalid config is refused, counted, logged and returned, and the old routing keeps serving."""

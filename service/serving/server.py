@@ -17,6 +17,7 @@ from typing import Any
 from monitoring.canary import Breach, CanaryComparison
 from monitoring.metrics import VigilMetrics
 from monitoring.predlog import PredictionLog
+from monitoring.verdicts import DriftResult, PerformanceResult
 from service.core.card import ModelCard
 from service.core.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
 from service.core.settings import Settings
@@ -133,11 +134,11 @@ class ModelServer:
         """Every loaded version (each once, whatever roles it plays)."""
         return list(self.loader.loaded.values())
 
-    def apply_drift(self, served: ServedVersion, result: Any) -> None:
+    def apply_drift(self, served: ServedVersion, result: DriftResult) -> None:
         """Take a drift job's latest verdict for a version (routing and gauges)."""
         apply_drift(served, result, self.metrics)
 
-    def apply_quality(self, served: ServedVersion, result: Any) -> None:
+    def apply_quality(self, served: ServedVersion, result: PerformanceResult) -> None:
         """Take a quality job's latest verdict for a version (routing and gauges)."""
         apply_quality(served, result, self.metrics)
 

@@ -8,15 +8,15 @@ applies the same verdict, so the gauges are exported ``livemax``.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from monitoring.metrics import VigilMetrics
+from monitoring.verdicts import DriftResult, PerformanceResult
 from service.serving.routing import ServedVersion
 
 log = logging.getLogger("vigil.verdicts")
 
 
-def apply_drift(served: ServedVersion, result: Any, metrics: VigilMetrics | None) -> None:
+def apply_drift(served: ServedVersion, result: DriftResult, metrics: VigilMetrics | None) -> None:
     """Take a drift job's latest verdict for a version: routing (``on_drift: fallback``) and gauges."""
     card = served.card
     health = served.health
@@ -42,7 +42,7 @@ def apply_drift(served: ServedVersion, result: Any, metrics: VigilMetrics | None
     if result.prediction is not None and result.prediction.score is not None:
         metrics.prediction_drift_score.labels(m, v).set(result.prediction.score)
 
-def apply_quality(served: ServedVersion, result: Any, metrics: VigilMetrics | None) -> None:
+def apply_quality(served: ServedVersion, result: PerformanceResult, metrics: VigilMetrics | None) -> None:
     """Take a quality job's latest verdict for a version: routing (``on_quality_degraded: fallback``) and gauges."""
     card = served.card
     health = served.health

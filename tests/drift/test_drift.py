@@ -21,17 +21,14 @@ from typer.testing import CliRunner
 
 from monitoring.jobs.cli import EXIT_DRIFT, EXIT_TOO_FEW_ROWS, EXIT_USAGE, drift_app
 from monitoring.jobs.drift import (
-    LATEST_FILE,
     DriftConfigError,
-    DriftError,
-    DriftResult,
     NotEnoughRows,
     _resolve_version,
-    read_latest,
     run_drift,
     time_stratified_positions,
 )
 from monitoring.predlog import LoggedRequest, PredictionLog
+from monitoring.verdicts import LATEST_FILE, DriftResult, VerdictError, read_latest_drift
 from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard
 from service.core.errors import ModelNotFound
 from service.core.predictor import Batch
@@ -161,7 +158,7 @@ def test_same_distribution_is_not_drift(same_dir: Path, example_registry: Path) 
     assert code == 0, output
     assert "no drift" in output.lower()
 
-    result = read_latest(same_dir, "diabetes")
+    result = read_latest_drift(same_dir, "diabetes")
     assert result is not None and result.version == "1"
     assert not result.drift_detected and not result.dataset_drift
     assert result.drifted_features == [] and result.drift_share == 0
@@ -196,9 +193,9 @@ def test_shifted_features_are_drift_and_named(shifted_dir: Path, example_registr
     assert shifted_range == 0  # top 20% of the reference range: shifted, yet never out of range
 
     # latest.json follows the newest run.
-    first = read_latest(shifted_dir, "diabetes", "1")
+    first = read_latest_drift(shifted_dir, "diabetes", "1")
     again = run_drift(shifted_dir, example_registry, "diabetes", stattests={"bmi": {"threshold": 1e-300}})
-    assert read_latest(shifted_dir, "diabetes", "1") == again != first
+    assert read_latest_drift(shifted_dir, "diabetes", "1") == again != first
     assert "bmi" not in again.drifted_features and again.features["bmi"].threshold == 1e-300
 
 
@@ -218,7 +215,7 @@ def test_one_shifted_feature_is_drift_through_the_prediction(
     assert result.prediction is not None and result.prediction.drifted and result.drift_detected
     assert result.features["s5"].out_of_range_share > 0.2  # 1.5x pushes the upper part past the reference max
     assert (tmp_path / "out" / "report.html").is_file()
-    assert read_latest(tmp_path, "diabetes", "1") == result  # latest.json follows runs written elsewhere too
+    assert read_latest_drift(tmp_path, "diabetes", "1") == result  # latest.json follows runs written elsewhere too
 
 
 def test_fallback_answers_are_left_out_of_prediction_drift(
@@ -301,12 +298,12 @@ def test_unknown_model_and_bad_override_raise(example_registry: Path, same_dir: 
 
 
 def test_read_latest_names_a_corrupt_file(tmp_path: Path) -> None:
-    assert read_latest(tmp_path, "diabetes") is None
+    assert read_latest_drift(tmp_path, "diabetes") is None
     latest = tmp_path / "drift" / "diabetes" / "1" / LATEST_FILE
     latest.parent.mkdir(parents=True)
     latest.write_text('{"model": "diabetes"}')
-    with pytest.raises(DriftError, match=str(latest)):
-        read_latest(tmp_path, "diabetes", "1")
+    with pytest.raises(VerdictError, match=str(latest)):
+        read_latest_drift(tmp_path, "diabetes", "1")
 
 
 def test_prune_runs_after_the_job_unless_disabled(tmp_path: Path, example_registry: Path) -> None:

@@ -22,15 +22,9 @@ from typer.testing import CliRunner
 from monitoring.feedback import FeedbackRow, LoggedPrediction, write_feedback
 from monitoring.jobs.cli import EXIT_OK, EXIT_TOO_FEW_ROWS, EXIT_USAGE
 from monitoring.jobs.cli_quality import EXIT_DEGRADED, performance_app
-from monitoring.jobs.quality import (
-    LATEST_FILE,
-    NotEnoughFeedback,
-    PerformanceResult,
-    compare_with_baseline,
-    read_latest_performance,
-    run_performance,
-)
+from monitoring.jobs.quality import NotEnoughFeedback, compare_with_baseline, run_performance
 from monitoring.predlog import read_log
+from monitoring.verdicts import LATEST_FILE, PerformanceResult, read_latest_quality
 from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN
 from service.core.errors import ModelNotFound
 from service.registry.register import register_model
@@ -164,7 +158,7 @@ def test_classification_quality_matches_sklearn_and_the_card(cancer: Served, exa
     assert code == EXIT_OK, output
     assert "quality ok" in output
 
-    result = read_latest_performance(cancer.data_dir, "cancer")
+    result = read_latest_quality(cancer.data_dir, "cancer")
     assert result is not None and result.version == "1" and result.task == "classification"
     assert_metrics(result, classification_expected(cancer.rows))
     assert result.averaging == "binary" and result.positive_label == "1"
@@ -313,7 +307,7 @@ def test_too_few_rows_exit_4_and_write_nothing(tmp_path: Path, example_registry:
     code, output = run_cli("run", "--model", "cancer", "--data-dir", str(tmp_path), "--registry", str(example_registry))
     assert code == EXIT_TOO_FEW_ROWS
     assert "cancer:1 has 10 prediction(s) with feedback" in output and "at least 50" in output
-    assert read_latest_performance(tmp_path, "cancer") is None
+    assert read_latest_quality(tmp_path, "cancer") is None
     with pytest.raises(NotEnoughFeedback) as raised:
         run_performance(tmp_path, example_registry, "cancer", min_rows=11)
     assert raised.value.rows == 10 and raised.value.version == "1"
