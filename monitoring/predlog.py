@@ -69,10 +69,10 @@ class LoggedRequest:
     """The validated numeric features (rows x the card's features, NaN for null), when the model takes only numbers.
 
     With it the flush builds feature columns with numpy instead of reading every
-    value out of the instance dicts: at thousands of requests a second that
-    Python loop held the interpreter lock long enough to delay requests by tens of
-    milliseconds. It also lets the request path drop its instance dicts at once: freeing a
-    second's worth of them in the flush thread stopped the worker for up to 90 ms.
+    value out of the instance dicts, a Python loop that holds the interpreter lock
+    while requests wait. It also lets the request path drop its instance dicts at
+    once, so the flush thread never frees a second's worth of them in one go, which
+    stops the worker while it lasts.
     """
 
     @property
@@ -301,8 +301,8 @@ def _warm_up_arrow() -> None:
     """Import and exercise pyarrow once, before traffic.
 
     The first conversion and Parquet write of a process pay for imports and
-    lazy initialisation (~0.5 s holding the interpreter lock): done in the
-    first flush under load, that stalled every request of the worker.
+    lazy initialisation while holding the interpreter lock; done here, they do
+    not stall the worker's requests during its first flush under load.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -9,20 +9,17 @@ feature and the prediction with ``reference.parquet`` using Evidently's
     <data_dir>/drift/<model>/<version>/<UTC timestamp>/result.json   a DriftResult
     <data_dir>/drift/<model>/<version>/latest.json                   the newest DriftResult (atomic)
 
-Large windows are compared through a sample. Evidently's cost grows with the
-rows it is given (~80 s and 1.6 GB for 1M rows of 30 features on 2 cores), while
-its verdicts do not need them all: the default tests are either distances
-(Wasserstein, Jensen-Shannon; reference over 1,000 rows), whose estimate from
-50k rows is within a few thousandths of the whole window's, or two-sample
-p-value tests on a small reference (K-S, Z, chi-square), whose p-value hardly
-moves once the current side is much larger than the reference. So the window
-is reduced to a deterministic, time-stratified sample of :data:`DEFAULT_MAX_ROWS`
-rows, or :data:`P_VALUE_REFERENCE_FACTOR` times the reference when a p-value
-test needs more. ``benchmarks/drift_bench.py`` measures it: at 50k rows a
-verdict differed from Evidently's on the whole window only for features whose
-whole-window score was within ~0.007 of the Wasserstein threshold, or whose K-S
-p-value was within ~0.02 of 0.05; 10k rows flipped features up to 0.02 from the
-threshold, and 100k rows cost ~30% more CPU on a job that must stay under 20 s.
+Large windows are compared through a sample. Evidently's time and memory grow
+with the rows it is given, while its verdicts do not need them all: the default
+tests are either distances (Wasserstein, Jensen-Shannon; reference over 1,000
+rows), which a large sample estimates closely, or two-sample p-value tests on a
+small reference (K-S, Z, chi-square), whose p-value hardly moves once the
+current side is much larger than the reference. So the window is reduced to a
+deterministic, time-stratified sample of :data:`DEFAULT_MAX_ROWS` rows, or
+:data:`P_VALUE_REFERENCE_FACTOR` times the reference when a p-value test needs
+more. A sample can change a verdict only for a feature whose whole-window score
+lies within sampling noise of its threshold; ``benchmarks/drift_bench.py``
+measures that band and what each sample size costs (``benchmarks/results/drift.md``).
 
 Evidently picks each column's test itself (the default rule, unless overridden).
 Its rule looks at the current data only through the number of distinct values of
@@ -266,7 +263,7 @@ DISTINCT_VALUES_THAT_MATTER = 6
 """Evidently's default test choice depends on a column's distinct values only up to 5 (<=2, 3-5, >5)."""
 READ_CELLS = 8_000_000
 """Values read from the log at a time (~64 MB of float64): the window is read a few columns at a time, because
-``read_log`` holds about three copies of what it reads; a whole 1M x 30 window at once peaks over 1.3 GB."""
+``read_log`` holds about three copies of what it reads: read whole, a wide window would take three times its size."""
 FALLBACK_REASON = "reason"
 """Prediction log column saying why the fallback answered a row (null when the model did)."""
 LOG_SETTLE = timedelta(seconds=60)

@@ -23,7 +23,9 @@ FLUSH_SECONDS = 1.0
 
 See :class:`DeferredCounter`; the service takes it from ``VIGIL_METRICS_FLUSH_SECONDS``."""
 QUEUE_LIMIT = 4096
-"""Queued model calls at which the request path flushes itself (a flush that never came); their outputs were queued with them."""
+"""Queued model calls at which the request path flushes itself, when no flush came in time.
+
+It bounds the queued outputs too: each call's outputs are queued with its row."""
 IDLE_FLUSH_SECONDS = 0.5
 """How often the background thread flushes when no request has (an idle worker's last numbers)."""
 
@@ -32,11 +34,11 @@ class DeferredCounter:
     """A counter child whose increments stay in this worker's memory until :meth:`VigilMetrics.flush`.
 
     In multiprocess mode every ``inc`` of prometheus_client takes a lock, asks
-    the kernel for the pid and writes the shared file: a dozen of those per
-    request were a fifth of a single-row prediction's CPU. Here the request path
-    only adds to a number. One thread records (the worker's event loop); the
-    flush, from any thread, writes the difference since the last flush, so no
-    increment is lost or counted twice without a lock on the request path.
+    the kernel for the pid and writes the shared file, which a request recording
+    a dozen values cannot afford. Here the request path only adds to a number.
+    One thread records (the worker's event loop); the flush, from any thread,
+    writes the difference since the last flush, so no increment is lost or
+    counted twice without a lock on the request path.
     """
 
     __slots__ = ("child", "total", "_flushed")
@@ -180,10 +182,9 @@ ROW_NUMBERS = 3
 pack_row = struct.Struct(f"{ROW_NUMBERS}d").pack
 """A row's numbers as the bytes of doubles, appended with ``array("d").frombytes``.
 
-``array.extend`` converts each number through a slow argument parser, twice: for a
-row of three that was ~190 ns against ~80 ns for ``frombytes(pack_row(...))``,
-twice per request (callgrind: 4,300 of monitoring's instructions per single-row
-request, ``benchmarks/README.md``)."""
+One C call packs the whole row, where ``array.extend`` would convert each number
+through Python's general argument parser; the request path queues two rows per
+request this way (its model call's, and the edge's)."""
 
 _QUEUED_NUMBERS_LIMIT = ROW_NUMBERS * QUEUE_LIMIT  # once, not per request
 

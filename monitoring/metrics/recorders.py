@@ -32,15 +32,15 @@ OTHER_METHOD = len(HTTP_METHODS) - 1
 class EndpointRecorder:
     """The HTTP metrics of one endpoint (a bounded label value), recorded without a call per request.
 
-    A Python call costs more on a request's path than the recording it makes
-    (the three calls this class took before were about 2 µs of a ~100 µs
-    single-row request, measured in one process; ``benchmarks/README.md``), so the edge writes
-    two attributes itself: :attr:`active` goes up by one when a request begins and down
-    when it ends, and the ended request's row is appended to :attr:`done`:
-    ``done.frombytes(pack_row(METHOD_CODES.get(method, OTHER_METHOD), status, seconds))``. The flush
-    exports :attr:`active` as the in-progress gauge and counts :attr:`done` into
-    the duration histogram and the status counters with numpy (:meth:`count_done`).
-    Only the worker's event loop writes them (see :class:`DeferredCounter`).
+    On a request's path a Python call costs more than the recording it would
+    make, so the edge calls nothing here and writes two attributes itself:
+    :attr:`active` goes up by one when a request begins and down when it ends,
+    and the ended request's row is appended to :attr:`done`:
+    ``done.frombytes(pack_row(METHOD_CODES.get(method, OTHER_METHOD), status, seconds))``.
+    The flush exports :attr:`active` as the in-progress gauge and counts
+    :attr:`done` into the duration histogram and the status counters with numpy
+    (:meth:`count_done`). Only the worker's event loop writes them (see
+    :class:`DeferredCounter`).
     """
 
     __slots__ = ("metrics", "endpoint", "active", "done", "_in_progress", "_duration", "_answered")
@@ -84,9 +84,9 @@ class BoundModelMetrics:
     :meth:`record_request` and :meth:`record_call` only queue what they are
     given; :meth:`count_queued` counts the queue into the children when the
     worker flushes, one numpy pass for every request since the last flush. A
-    request is one call to :meth:`record_request`: on a single-row request each
-    call, and each object it touches, is a measurable share of monitoring's
-    cost (``benchmarks/README.md``).
+    request is one call to :meth:`record_request`, which touches as few objects
+    as it can: on a single-row request each call and each object is a share of
+    monitoring's cost worth saving.
     """
 
     def __init__(self, metrics: MetricFamilies, card: ModelCard, variant: str) -> None:
@@ -109,10 +109,10 @@ class BoundModelMetrics:
         # Queued for the flush: each request's (request seconds, model call seconds, instances in the
         # call) as three doubles (NaN request seconds: a model call alone; 0 instances: no call), and the
         # numbers of each call's outputs (regression values, or one row of class probabilities an
-        # instance), copied into a queue of their own type. Copied, not kept: an output array kept until
-        # the flush left the allocator fragmented, and onnxruntime's allocations slower (callgrind:
-        # 1,300 instructions per single-row request). No queue holds an object the garbage collector
-        # tracks, so the requests between two flushes add nothing to its collections.
+        # instance), copied into a queue of their own type. Copied, not kept: output arrays kept until
+        # the flush fragment the allocator and slow down onnxruntime's own allocations. No queue holds an
+        # object the garbage collector tracks, so the requests between two flushes add nothing to its
+        # collections.
         self._calls = array("d")
         self._outputs = {"f": array("f"), "d": array("d")}  # by numpy's dtype.char, which array shares
         self._width = 1 if self.regression else len(self.classes)

@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     metrics_flush_seconds: float = Field(1.0, gt=0, le=10)
     """How often a busy worker writes its metric values to the files ``/metrics`` reads: the most a
     scrape can lag behind another worker's requests (the answering worker is always exact), and what a
-    SIGKILLed worker can lose. Each flush costs a worker ~0.3-0.6 ms; at 0.1 s that was ~1 µs of every
-    single-row request (``benchmarks/README.md``), for freshness no scrape interval can see."""
+    SIGKILLed worker can lose. Every flush takes the worker's time, so a shorter interval costs each
+    request more for a freshness no scrape interval can see."""
 
     process_sample_seconds: float = Field(2.0, gt=0, le=60)
     """How often each worker samples its own memory, CPU, open files and threads for ``vigil_process_*``."""
