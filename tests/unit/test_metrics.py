@@ -313,15 +313,34 @@ def test_model_info_and_readiness(metrics: VigilMetrics, registry: CollectorRegi
     assert value(registry, "vigil_model_ready", model="broken") == 0
 
 
-def test_process_sampler_reports_this_process(metrics: VigilMetrics, registry: CollectorRegistry) -> None:
+def test_process_sampler_reports_this_process(metrics: VigilMetrics, registry: CollectorRegistry,
+                                             tmp_path: Path) -> None:
+    import psutil
+
+    me = psutil.Process()
     sampler = ProcessSampler(metrics, worker="3")
     sampler.sample()
-    sum(i * i for i in range(200_000))  # burn a little CPU so the counter moves
+    # The counter is this process's CPU time (user + system) since it started, as the kernel counts it.
+    before = value(registry, "vigil_process_cpu_seconds_total", worker="3")
+    assert before == pytest.approx(time.process_time(), abs=0.1)
+    burn_until = time.process_time() + 0.3
+    while time.process_time() < burn_until:
+        pass
+    extra = [open(tmp_path / f"f{i}", "w") for i in range(7)]
+    try:
+        sampler.sample()
+        fds = value(registry, "vigil_process_open_fds", worker="3")
+        assert fds == me.num_fds()
+    finally:
+        for fh in extra:
+            fh.close()
+    after = value(registry, "vigil_process_cpu_seconds_total", worker="3")
+    assert after - before == pytest.approx(0.3, abs=0.1)  # the CPU just burnt, no more, no less
+    assert value(registry, "vigil_process_resident_memory_bytes", worker="3") == pytest.approx(
+        me.memory_info().rss, rel=0.1)
+    assert value(registry, "vigil_process_threads", worker="3") == me.num_threads()
     sampler.sample()
-    assert value(registry, "vigil_process_resident_memory_bytes", worker="3") > 10 * 1024 * 1024
-    assert value(registry, "vigil_process_cpu_seconds_total", worker="3") > 0
-    assert value(registry, "vigil_process_open_fds", worker="3") >= 3
-    assert value(registry, "vigil_process_threads", worker="3") >= 1
+    assert value(registry, "vigil_process_open_fds", worker="3") == fds - 7  # the seven files closed
 
 
 def test_a_started_sampler_samples_again_at_its_interval(metrics: VigilMetrics, registry: CollectorRegistry) -> None:
