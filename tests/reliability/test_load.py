@@ -41,7 +41,9 @@ def start_load(url: str, bodies: Path, concurrency: int, requests: int = 0, seco
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 600) -> dict:
+    """The load generator's totals; fails if one of its threads failed (it exits 1, traceback on stderr)."""
     out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"the load generator failed (exit {proc.returncode}; its traceback is above)"
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -25,6 +25,7 @@ from monitoring.metrics import (
 from service.core.card import ModelCard
 from service.core.predictor import Predictions
 from service.registry.store import Registry
+from tests.servers import looping, wait_for
 
 
 @pytest.fixture
@@ -56,20 +57,14 @@ def one_counter(flush_seconds: float = 0.1) -> tuple[CollectorRegistry, VigilMet
 
 @contextmanager
 def flushing_meanwhile(metrics: VigilMetrics) -> Iterator[None]:
-    """Flush ``metrics`` from another thread, as fast as it can, while the block records."""
-    done = threading.Event()
-
-    def flush_repeatedly() -> None:
-        while not done.is_set():
+    """Flush ``metrics`` from another thread, as fast as it can, while the block records; a flush
+    that raises fails the test."""
+    def flush_repeatedly(stop: threading.Event) -> None:
+        while not stop.is_set():
             metrics.flush()
 
-    flusher = threading.Thread(target=flush_repeatedly)
-    flusher.start()
-    try:
+    with looping(flush_repeatedly, name="flusher"):
         yield
-    finally:
-        done.set()
-        flusher.join()
 
 
 def test_classifier_predictions_count_classes_and_scores(metrics: VigilMetrics, registry: CollectorRegistry,
@@ -353,11 +348,9 @@ def test_a_started_sampler_samples_again_at_its_interval(metrics: VigilMetrics, 
     try:
         before = value(registry, "vigil_process_threads", worker="4")
         extra.start()
-        deadline = time.monotonic() + 5
-        while value(registry, "vigil_process_threads", worker="4") == before and time.monotonic() < deadline:
-            time.sleep(0.02)
         # Moved without a sample() call here (the sampler's own thread and the extra one both count).
-        assert value(registry, "vigil_process_threads", worker="4") > before
+        wait_for(lambda: value(registry, "vigil_process_threads", worker="4") > before,
+                 what="the sampler's thread did not sample again")
     finally:
         release.set()
         sampler.stop()
