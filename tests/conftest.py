@@ -1,15 +1,28 @@
-"""Shared fixtures: the example models trained once per session, and registries holding them."""
+"""Shared fixtures: the example models trained once per session, registries holding them, a clean environment."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.servers import ISOLATED_PREFIXES
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's VIGIL_*/BENTOML_* variables: what runs in this process (the CLI
+    through CliRunner, the jobs, the in-process app) reads only what the test sets, as servers do
+    (tests/servers.py ``clean_env``)."""
+    for name in list(os.environ):
+        if name.startswith(ISOLATED_PREFIXES):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

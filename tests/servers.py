@@ -1,8 +1,10 @@
 """Real servers for integration tests: ``vigil serve`` and Prometheus, each on a free 127.0.0.1 port.
 
-Each server runs in its own process group with its own home directory, is
-stopped by the context manager whatever happens, and only ever talks to
-127.0.0.1.
+Each server runs in its own process group with its own home directory and a
+clean environment (:func:`clean_env`), is stopped by the context manager
+whatever happens, and only ever talks to 127.0.0.1. Also here: the helpers that
+wait for a state (:func:`wait_for`, :func:`wait_for_value`) and run a test's
+background work on a thread whose failures reach the test (:class:`Running`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,36 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+import psutil
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 VIGIL = Path(sys.executable).with_name("vigil")
+
+DEADLINE = 30.0
+"""How long a test waits for a state (a row in the log, a metric value) before it fails.
+
+Generous on purpose: the states it waits for arrive within a flush interval or
+two (about a second) on an idle machine, and a loaded one must not fail a test
+that would pass given time. A test that passes waits only as long as it must.
+"""
+
+ISOLATED_PREFIXES = ("VIGIL_", "BENTOML_", "PROMETHEUS_MULTIPROC_DIR")
+"""Variables a developer's shell may hold that change what a server or job does; :func:`clean_env` drops them."""
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a process a test starts: ``os.environ`` without any of :data:`ISOLATED_PREFIXES`,
+    plus ``extra``. A ``VIGIL_ADMIN_TOKEN`` or ``BENTOML_CONFIG`` in the shell never reaches it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ISOLATED_PREFIXES)}
+    return {**env, **(extra or {})}
 
 
 def free_port() -> int:
@@ -63,12 +86,14 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 class VigilServer:
     """A running ``vigil serve``; use :func:`vigil_server` to start one."""
 
-    def __init__(self, port: int, home: Path, log: Path, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, port: int, home: Path, log: Path, proc: subprocess.Popen[bytes], data_dir: Path) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.home = home
         self.log = log
         self.proc = proc
+        self.data_dir = data_dir
+        """The server's VIGIL_DATA_DIR (its prediction log, feedback and state)."""
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
@@ -80,6 +105,38 @@ class VigilServer:
     def metrics_text(self) -> str:
         return self.get("/metrics").text
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A family's value summed over the samples whose labels include ``labels``, from /metrics now."""
+        return metric_value(self.metrics_text(), name, **labels)
+
+    def wait_for_metric(self, name: str, expected: float, timeout: float = DEADLINE, **labels: str) -> None:
+        """Wait until :meth:`metric` reads ``expected`` (a missing series reads 0)."""
+        wait_for_value(lambda: self.metric(name, **labels) or 0.0, expected, timeout)
+
+    def logged_ids(self, model: str) -> set[str]:
+        """Request ids in the model's prediction log so far."""
+        from monitoring.predlog import read_log
+
+        frame = read_log(self.data_dir, model)
+        return set(frame["request_id"]) if len(frame) else set()
+
+    def wait_until_logged(self, model: str, request_ids: Any, timeout: float = DEADLINE) -> None:
+        """Wait until every one of ``request_ids`` is in the model's prediction log (it flushes every second)."""
+        wanted = set(request_ids)
+        wait_for(lambda: wanted <= self.logged_ids(model), timeout,
+                 what=lambda: f"{len(wanted - self.logged_ids(model))} of {len(wanted)} requests not in the log")
+
+    def workers(self) -> list[psutil.Process]:
+        """Live BentoML worker processes (a killed one is a zombie until reaped: skipped)."""
+        found = []
+        for proc in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and any("_bentoml_impl.worker" in p for p in proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
 
 @contextmanager
 def vigil_server(registry: Path, workers: int = 1, env: dict[str, str] | None = None,
@@ -88,20 +145,19 @@ def vigil_server(registry: Path, workers: int = 1, env: dict[str, str] | None = 
     home = Path(tempfile.mkdtemp(prefix="vigil-home-"))
     port = free_port()
     log = home / "server.log"
-    full_env = {
-        **os.environ,
+    full_env = clean_env({
         "BENTOML_HOME": str(home / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "True",
         "VIGIL_DATA_DIR": str(home / "var"),
         **(env or {}),
-    }
+    })
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [str(VIGIL), "serve", "--port", str(port), "--host", "127.0.0.1",
              "--registry", str(registry), "--workers", str(workers)],
             cwd=home, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    server = VigilServer(port, home, log, proc)
+    server = VigilServer(port, home, log, proc, Path(full_env["VIGIL_DATA_DIR"]))
     try:
         _wait_http(f"{server.url}/readyz", proc, log, timeout)
         yield server
@@ -183,7 +239,7 @@ def prometheus_server(scrape_targets: dict[str, str], interval: str = "1s",
         proc = subprocess.Popen(
             [binary, f"--config.file={home / 'prometheus.yml'}", f"--storage.tsdb.path={home / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}"],
-            cwd=home, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=home, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         _wait_http(f"http://127.0.0.1:{port}/-/ready", proc, log, timeout)
@@ -205,11 +261,67 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return total
 
 
-def wait_for(condition: Any, timeout: float = 10.0, interval: float = 0.1) -> None:
-    """Poll ``condition`` until it holds; AssertionError after ``timeout`` seconds."""
+def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.1,
+             what: str | Callable[[], str] = "condition") -> None:
+    """Poll ``condition`` until it holds; AssertionError naming ``what`` (a text, or a callable giving
+    one, e.g. the state seen last) after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         if condition():
             return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout:g} s: {what() if callable(what) else what}")
         time.sleep(interval)
-    raise AssertionError("condition not met in time")
+
+
+def wait_for_value(read: Callable[[], Any], expected: Any, timeout: float = DEADLINE, interval: float = 0.1) -> None:
+    """Poll ``read()`` until it equals ``expected``; AssertionError with the last value read otherwise."""
+    seen: list[Any] = [None]
+
+    def equal() -> bool:
+        seen[0] = read()
+        return bool(seen[0] == expected)
+
+    wait_for(equal, timeout, interval, what=lambda: f"expected {expected!r}, last read {seen[0]!r}")
+
+
+class Running:
+    """``target(*args)`` running on a thread; :meth:`result` joins it in the test's thread and re-raises
+    whatever it raised there, so an ``assert`` (or an HTTP error) in the thread fails the test."""
+
+    def __init__(self, target: Callable[..., Any], *args: Any, name: str = "test-thread") -> None:
+        self.name = name
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(target, args), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = target(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread by result()
+            self._error = exc
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout: float = DEADLINE) -> Any:
+        """What ``target`` returned; re-raises its exception; AssertionError if still running after ``timeout``."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"{self.name} still running after {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@contextmanager
+def looping(body: Callable[[threading.Event], Any], name: str = "test-loop") -> Iterator[Running]:
+    """Run ``body(stop)`` on a thread for the block; on exit set ``stop``, join, and re-raise its failure."""
+    stop = threading.Event()
+    running = Running(body, stop, name=name)
+    try:
+        yield running
+    finally:
+        stop.set()
+        running.result()

@@ -9,7 +9,6 @@ ONNX model, as in the service.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -344,6 +343,8 @@ def test_time_stratified_sample_is_deterministic_and_covers_the_window() -> None
     assert len(time_stratified_positions(times[:500], 1000, seed=1)) == 500
 
 
+@pytest.mark.integration
+@pytest.mark.slow  # two Evidently runs over 200k rows: ~10 s here, most of the in-process tiers' time
 def test_sampled_verdicts_match_evidently_on_the_whole_200k_window(
         tmp_path: Path, example_registry: Path, diabetes_reference: pd.DataFrame) -> None:
     """200k rows whose second half drifts on two features: the 50k time-stratified sample agrees with Evidently
@@ -354,9 +355,7 @@ def test_sampled_verdicts_match_evidently_on_the_whole_200k_window(
     frame = pd.concat([frame.iloc[: rows // 2], late], ignore_index=True)
     write_log(tmp_path, example_registry, "diabetes", frame, batch=500)
 
-    started = time.perf_counter()
     sampled = run_drift(tmp_path, example_registry, "diabetes", out=tmp_path / "sampled")
-    sampled_seconds = time.perf_counter() - started
     full = run_drift(tmp_path, example_registry, "diabetes", out=tmp_path / "full", max_rows=None)
 
     assert sampled.rows.window == full.rows.window == full.rows.current == rows
@@ -367,4 +366,3 @@ def test_sampled_verdicts_match_evidently_on_the_whole_200k_window(
     assert sampled.prediction.drifted == full.prediction.drifted
     for name, feature in sampled.features.items():
         assert feature.missing_share == full.features[name].missing_share  # computed on the whole window
-    assert sampled_seconds < full.duration_seconds

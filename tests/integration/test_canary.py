@@ -2,7 +2,8 @@
 
 diabetes:1 is the example model; :2 is an identical copy (a healthy canary),
 :3 answers 80 higher (shifted predictions), :4 fails for ``sex`` > 2 (errors),
-:5 spins ~15 ms per call (slow).
+:5 spins 100k loop steps per call (slow: about 85 ms here, 17 times the 5 ms latency floor of the
+rollback rule, so a machine 10 times faster still breaches it; :1 answers in well under 1 ms).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import json
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pandas as pd
 import pytest
 import yaml
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from service.cli import app as cli
 from service.registry.register import register_model
 from tests.onnx_graphs import modified_regressor
-from tests.servers import VigilServer, metric_value, vigil_server, wait_for
+from tests.servers import VigilServer, looping, metric_value, vigil_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def registry(example_registry: Path, trained_examples: dict[str, Path], tmp_path
     src = trained_examples["diabetes"] / "model.onnx"
     reference = trained_examples["diabetes"] / "reference.parquet"
     for version, changes in [("2", {}), ("3", {"offset": 80.0}), ("4", {"fail_feature": 1}),
-                             ("5", {"delay_iterations": 20000})]:
+                             ("5", {"delay_iterations": 100_000})]:
         model = modified_regressor(src, work / f"v{version}.onnx", **changes)
         register_model("diabetes", model, reference, target="target", registry=root, version=version)
     # A second model with a canary of its own: the same classifier again, healthy by construction.
@@ -108,7 +109,9 @@ def test_healthy_canary_keeps_its_share(server_factory: Any, deploy: Path, rows:
         assert all(a["version"] == "1" for a in answers if a["variant"] == "stable")
         # 300 draws at p=0.3: mean 90, sd 7.9; allow 4 sd.
         assert 58 <= len(canary) <= 122
-        time.sleep(0.5)  # a monitor tick after min_requests
+        # The canary's own figures reach /models at the monitor's next tick.
+        wait_for(lambda: canary_of(server)["comparison"]["canary"]["requests"] == len(canary),
+                 what=lambda: f"{canary_of(server)}")
         info = canary_of(server)
         assert info["version"] == "2" and info["traffic"] == 0.3
         assert info["comparison"]["canary"]["requests"] >= RULES["min_requests"]
@@ -126,12 +129,11 @@ def test_bad_canary_is_rolled_back_and_stays_off_after_restart(
         change: dict[str, Any] | None, tmp_path: Path) -> None:
     write_deploy(deploy, version, traffic=0.5, sticky=False)
     with server_factory() as server:
-        for _ in range(6):
+        for _ in range(6):  # traffic until the monitor (every 0.2 s) rolls the canary back
             send(server, rows, 50, change=change)
             if canary_of(server).get("traffic") == 0:
                 break
-            time.sleep(0.3)
-        wait_for(lambda: canary_of(server).get("traffic") == 0)
+        wait_for(lambda: canary_of(server).get("traffic") == 0, what=lambda: f"not rolled back: {canary_of(server)}")
         listed = {m["name"]: m for m in server.get("/models").json()["models"]}["diabetes"]
         assert listed["last_rollback"]["version"] == version and listed["last_rollback"]["reason"] == reason
         assert listed["last_rollback"]["figures"]["canary"]["requests"] >= RULES["min_requests"]
@@ -151,32 +153,32 @@ def test_hot_reload_under_load_loses_no_request(server_factory: Any, deploy: Pat
     write_deploy(deploy, None)
     with server_factory() as server:
         failures: list[str] = []
-        versions: set[str] = set()
-        stop = threading.Event()
+        versions: list[str] = []
 
-        def stream() -> None:
-            i = 0
-            while not stop.is_set():
-                response = server.client.post("/predict", json={"model": "diabetes", "instances": [rows[i % 50]],
-                                                                "key": f"k{i}"})
-                i += 1
-                if response.status_code != 200:
-                    failures.append(f"{response.status_code} {response.text[:200]}")
-                else:
-                    versions.add(response.json()["predictions"][0]["version"])
+        def stream(stop: threading.Event) -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                i = 0
+                while not stop.is_set():
+                    response = client.post("/predict", json={"model": "diabetes", "instances": [rows[i % 50]],
+                                                             "key": f"k{i}"})
+                    i += 1
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code} {response.text[:200]}")
+                    else:
+                        versions.append(response.json()["predictions"][0]["version"])
 
-        worker = threading.Thread(target=stream)
-        worker.start()
-        try:
+        with looping(stream, name="predict-stream") as streaming:
             for canary, traffic in [("2", 0.5), ("2", 0.9), (None, 0.0), ("2", 0.5)]:
                 write_deploy(deploy, canary, traffic)
-                time.sleep(0.8)
-        finally:
-            stop.set()
-            worker.join(timeout=30)
+                wait_for(lambda: canary_of(server).get("traffic", 0.0) == traffic,
+                         what=lambda: f"{canary_of(server)} is not the written {canary}:{traffic}")
+                served = len(versions)
+                # Requests answered under each config (a stream that failed ends the wait; its error is raised).
+                wait_for(lambda: len(versions) >= served + 20 or not streaming.is_alive(),
+                         what="the stream stopped answering")
         assert failures == []
-        assert versions == {"1", "2"}
-        assert metric_value(server.metrics_text(), "vigil_deploy_reloads_total") >= 3
+        assert set(versions) == {"1", "2"}
+        assert metric_value(server.metrics_text(), "vigil_deploy_reloads_total") >= 4
 
 
 def test_invalid_deploy_config_is_refused_and_the_old_one_serves(server_factory: Any, deploy: Path,
@@ -251,7 +253,7 @@ def test_canary_with_worse_ground_truth_is_rolled_back_on_quality(server_factory
             answer = server.post("/predict", json={"model": "diabetes", "instances": [rows_[i % len(rows_)]]}).json()
             served.append((answer["request_id"], truth[i % len(truth)]))
         assert canary_of(server)["traffic"] == 0.5  # nothing else breached
-        time.sleep(1.5)  # logged
+        server.wait_until_logged("diabetes", [rid for rid, _ in served])
         items = [{"request_id": rid, "index": 0, "actual": actual} for rid, actual in served]
         response = server.post("/feedback", json={"model": "diabetes", "items": items})
         assert response.status_code == 200 and response.json()["accepted"] == 360, response.text
@@ -281,8 +283,7 @@ def test_each_model_has_its_own_canary_and_rollback(server_factory: Any, deploy:
                 assert response.status_code == 200, response.text
             if canary_of(server).get("traffic") == 0:
                 break
-            time.sleep(0.3)
-        wait_for(lambda: canary_of(server).get("traffic") == 0)
+        wait_for(lambda: canary_of(server).get("traffic") == 0, what=lambda: f"not rolled back: {canary_of(server)}")
         listed = {m["name"]: m for m in server.get("/models").json()["models"]}
         assert listed["diabetes"]["last_rollback"]["version"] == "3"
         assert listed["cancer"]["canary"]["version"] == "2" and listed["cancer"]["canary"]["traffic"] == 0.5

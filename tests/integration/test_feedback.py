@@ -1,8 +1,11 @@
-"""Ground truth through the real service: feedback joined to logged predictions, exact live metrics."""
+"""Ground truth through the real service: feedback joined to logged predictions, exact live metrics.
+
+The server (2 workers) is shared by the module's tests: counts are read as deltas, and waited for,
+since the worker that took the feedback may not be the one answering /metrics.
+"""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,7 +13,7 @@ from typing import Any, Iterator
 import pandas as pd
 import pytest
 
-from tests.servers import VigilServer, metric_value, vigil_server
+from tests.servers import VigilServer, metric_value, vigil_server, wait_for_value
 
 pytestmark = pytest.mark.integration
 
@@ -31,25 +34,44 @@ def features(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def serve(server: VigilServer, model: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Predict, and return once the answer is in the prediction log (where feedback is joined)."""
     response = server.post("/predict", json={"model": model, "instances": rows})
     assert response.status_code == 200, response.text
+    server.wait_until_logged(model, [response.json()["request_id"]])
     return response.json()
 
 
 def feedback(server: VigilServer, body: dict[str, Any], expect: int = 200) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while True:  # a fresh request id reaches the log within the flush interval
-        response = server.post("/feedback", json=body)
-        if response.status_code != 404 or expect == 404 or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+    response = server.post("/feedback", json=body)
     assert response.status_code == expect, response.text
     return response.json()
+
+
+Series = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def series(name: str, **labels: str) -> Series:
+    return name, tuple(sorted(labels.items()))
+
+
+def values(server: VigilServer, wanted: list[Series]) -> dict[Series, float]:
+    text = server.metrics_text()
+    return {s: metric_value(text, s[0], **dict(s[1])) or 0.0 for s in wanted}
+
+
+def wait_for_increase(server: VigilServer, before: dict[Series, float], expected: dict[Series, float]) -> None:
+    """Wait until each series has grown by exactly its expected amount (every worker has flushed)."""
+    wait_for_value(lambda: {s: values(server, list(before))[s] - before[s] for s in before}, expected)
 
 
 def test_classification_feedback_counts_exactly(server: VigilServer, example_registry: Path) -> None:
     frame = reference(example_registry, "cancer").head(12)
     truth = frame["target"].tolist()
+    outcome_series = [series("vigil_feedback_outcomes_total", model="cancer", predicted=p, actual=a)
+                      for p in ("0", "1") for a in ("0", "1")]
+    watched = [series("vigil_feedback_total", model="cancer", version="1"),
+               series("vigil_feedback_correct_total", model="cancer", variant="stable"), *outcome_series]
+    before = values(server, watched)
     first = serve(server, "cancer", features(frame.iloc[:8]))
     second = serve(server, "cancer", features(frame.iloc[8:]))
     predicted = [p["label"] for p in first["predictions"] + second["predictions"]]
@@ -65,27 +87,22 @@ def test_classification_feedback_counts_exactly(server: VigilServer, example_reg
     assert partial["accepted"] == 2 and partial["duplicates"] == 1
 
     used = list(range(8)) + [8, 11]
-    time.sleep(0.2)
-    text = server.metrics_text()
-    assert metric_value(text, "vigil_feedback_total", model="cancer", version="1") == 10
-    correct = sum(predicted[i] == truth[i] for i in used)
-    assert metric_value(text, "vigil_feedback_correct_total", model="cancer", variant="stable") == correct
     outcomes = Counter((str(predicted[i]), str(truth[i])) for i in used)
-    for (p, a), count in outcomes.items():
-        assert metric_value(text, "vigil_feedback_outcomes_total", model="cancer", predicted=p, actual=a) == count
+    wait_for_increase(server, before, {
+        watched[0]: 10, watched[1]: sum(predicted[i] == truth[i] for i in used),
+        **{s: outcomes.get((dict(s[1])["predicted"], dict(s[1])["actual"]), 0) for s in outcome_series}})
 
 
 def test_unknown_ids_and_wrong_types_are_refused_and_nothing_is_stored(server: VigilServer,
                                                                         example_registry: Path) -> None:
     served = serve(server, "cancer", features(reference(example_registry, "cancer").head(2)))
-    time.sleep(1.5)  # flushed to the prediction log
     before = metric_value(server.metrics_text(), "vigil_feedback_total", model="cancer") or 0
     unmatched = metric_value(server.metrics_text(), "vigil_feedback_unmatched_total", model="cancer") or 0
     error = feedback(server, {"model": "cancer", "items": [
         {"request_id": served["request_id"], "index": 0, "actual": 1},
         {"request_id": "f" * 32, "index": 0, "actual": 1}]}, expect=404)["error"]
     assert error["code"] == "unknown_request_id" and error["details"][0]["instance"] == 1
-    assert metric_value(server.metrics_text(), "vigil_feedback_unmatched_total", model="cancer") == unmatched + 1
+    server.wait_for_metric("vigil_feedback_unmatched_total", unmatched + 1, model="cancer")
     for bad in ("1", 2, 0.5, True, None):
         error = feedback(server, {"model": "cancer", "request_id": served["request_id"], "actuals": [bad, 0]},
                          expect=422)["error"]
@@ -96,20 +113,25 @@ def test_unknown_ids_and_wrong_types_are_refused_and_nothing_is_stored(server: V
     assert (metric_value(server.metrics_text(), "vigil_feedback_total", model="cancer") or 0) == before
     # The valid half of the refused body was not stored: it is accepted now, once.
     assert feedback(server, {"model": "cancer", "request_id": served["request_id"], "actuals": [1, 0]})["accepted"] == 2
+    server.wait_for_metric("vigil_feedback_total", before + 2, model="cancer")
 
 
 def test_regression_feedback_observes_errors(server: VigilServer, example_registry: Path) -> None:
     frame = reference(example_registry, "diabetes").head(5)
+    watched = [series("vigil_prediction_error_count", model="diabetes"),
+               series("vigil_prediction_error_sum", model="diabetes"),
+               series("vigil_prediction_abs_error_sum", model="diabetes")]
+    before = values(server, watched)
     served = serve(server, "diabetes", features(frame))
-    values = [p["value"] for p in served["predictions"]]
+    predicted = [p["value"] for p in served["predictions"]]
     actuals = frame["target"].astype(float).tolist()
     feedback(server, {"model": "diabetes", "request_id": served["request_id"], "actuals": actuals})
-    text = server.metrics_text()
-    assert metric_value(text, "vigil_prediction_error_count", model="diabetes") == 5
-    assert metric_value(text, "vigil_prediction_error_sum", model="diabetes") == pytest.approx(
-        sum(a - v for a, v in zip(actuals, values)), rel=1e-6)
-    assert metric_value(text, "vigil_prediction_abs_error_sum", model="diabetes") == pytest.approx(
-        sum(abs(a - v) for a, v in zip(actuals, values)), rel=1e-6)
+    server.wait_for_metric("vigil_prediction_error_count", before[watched[0]] + 5, model="diabetes")
+    after = values(server, watched)
+    assert after[watched[1]] - before[watched[1]] == pytest.approx(
+        sum(a - v for a, v in zip(actuals, predicted)), rel=1e-6)
+    assert after[watched[2]] - before[watched[2]] == pytest.approx(
+        sum(abs(a - v) for a, v in zip(actuals, predicted)), rel=1e-6)
     error = feedback(server, {"model": "diabetes", "request_id": served["request_id"], "actuals": ["x"] * 5},
                      expect=422)["error"]
     assert "number" in error["details"][0]["problem"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,10 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitoring.metrics import FLUSH_SECONDS
 from service.registry.register import register_model
 from tests.onnx_graphs import index_lookup_reference, index_lookup_regressor
-from tests.servers import PrometheusServer, VigilServer, prometheus_server, vigil_server
+from tests.servers import PrometheusServer, VigilServer, prometheus_server, vigil_server, wait_for, wait_for_value
 
 pytestmark = pytest.mark.integration
 
@@ -60,10 +58,11 @@ def rows(registry: Path, model: str, n: int, start: int = 0) -> list[dict[str, A
 def traffic(stack: tuple[VigilServer, PrometheusServer], registry: Path) -> dict[str, Any]:
     """Send the known mix once; return what was sent and answered."""
     server, prom = stack
-    sent: dict[str, Any] = {"classes": Counter(), "requests": Counter(), "instances": Counter()}
+    sent: dict[str, Any] = {"classes": Counter(), "requests": Counter(), "instances": Counter(), "posts": 0}
 
     def predict(model: str, instances: list[dict[str, Any]], status: int = 200) -> Any:
         response = server.post("/predict", json={"model": model, "instances": instances})
+        sent["posts"] += 1
         assert response.status_code == status, response.text
         if status == 200:
             sent["requests"][model] += 1
@@ -92,12 +91,16 @@ def traffic(stack: tuple[VigilServer, PrometheusServer], registry: Path) -> dict
     predict("cancer", [{}], status=422)
     predict("nope", [{"a": 1}], status=404)
     assert server.post("/predict", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    sent["posts"] += 1
     # A model error (the lookup table has 10 entries): the fallback answers, with the reason.
     failed = server.post("/predict", json={"model": "lookup", "instances": [{"idx": 42.0, "x": 0.0}]})
+    sent["posts"] += 1
     assert failed.status_code == 200, failed.text
     assert failed.json()["predictions"][0]["variant"] == "fallback"
     assert failed.json()["predictions"][0]["reason"] == "model_error"
-    prom.wait_for_scrape_after(time.time() + FLUSH_SECONDS + 0.5)  # the idle worker's flush, then a scrape
+    # Each worker writes everything it recorded in one flush (an idle one within about twice the
+    # flush interval): once Prometheus has scraped every /predict request, it has every family's counts.
+    wait_for_value(lambda: prom.value('sum(vigil_http_requests_total{endpoint="/predict"})'), sent["posts"])
     return sent
 
 
@@ -153,13 +156,30 @@ def test_model_errors_info_and_load(stack: tuple[VigilServer, PrometheusServer],
 
 
 def test_process_families_per_worker(stack: tuple[VigilServer, PrometheusServer], traffic: dict[str, Any]) -> None:
-    _, prom = stack
-    memory = prom.query("vigil_process_resident_memory_bytes")
-    assert {r["metric"]["worker"] for r in memory} == {"1", "2"}
-    assert all(float(r["value"][1]) > 50e6 for r in memory)
-    assert len(prom.query("vigil_process_cpu_seconds_total > 0")) == 2
-    assert len(prom.query("vigil_process_open_fds > 0")) == 2
-    assert len(prom.query("vigil_process_threads > 0")) == 2
+    """Each worker's figures are its own process's, as psutil reads them from outside."""
+    server, prom = stack
+    workers = server.workers()
+    assert len(workers) == 2
+    for family in ("resident_memory_bytes", "cpu_seconds_total", "open_fds", "threads"):
+        assert {r["metric"]["worker"] for r in prom.query(f"vigil_process_{family}")} == {"1", "2"}, family
+
+    def exported(family: str) -> float:
+        return prom.value(f"sum(vigil_process_{family})") or 0.0
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in workers)
+
+    # CPU seconds: what the workers had used by now is exported within a sample and a scrape, and
+    # the export is never ahead of what they have used (a wrong unit or source fails one side).
+    used = cpu()
+    wait_for(lambda: exported("cpu_seconds_total") >= used, what=lambda: f"{exported('cpu_seconds_total')} < {used}")
+    assert exported("cpu_seconds_total") <= cpu() + 0.05
+    # Gauges are samples (every 2 s) of figures that move a little: they must agree with psutil at
+    # some moment within the deadline.
+    wait_for(lambda: abs(exported("resident_memory_bytes") - sum(p.memory_info().rss for p in workers))
+             < 0.05 * sum(p.memory_info().rss for p in workers), what="resident memory")
+    wait_for(lambda: abs(exported("threads") - sum(p.num_threads() for p in workers)) <= 2, what="threads")
+    wait_for(lambda: abs(exported("open_fds") - sum(p.num_fds() for p in workers)) <= 4, what="open fds")
 
 
 def test_promtool_finds_no_problem_in_vigil_families(stack: tuple[VigilServer, PrometheusServer],

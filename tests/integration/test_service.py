@@ -210,17 +210,12 @@ def test_health_endpoints_and_openapi(server: VigilServer) -> None:
 
 
 def test_answered_instances_reach_the_prediction_log(server: VigilServer, registry_with_broken: Path) -> None:
-    import time
-
     from monitoring.predlog import read_log
 
     rows = reference_rows(registry_with_broken, "cancer", 4)
     answer = server.post("/predict", json={"model": "cancer", "instances": rows}).json()
-    deadline = time.monotonic() + 5
-    logged = read_log(server.home / "var", "cancer")
-    while time.monotonic() < deadline and answer["request_id"] not in set(logged["request_id"]):
-        time.sleep(0.2)
-        logged = read_log(server.home / "var", "cancer")
+    server.wait_until_logged("cancer", [answer["request_id"]])
+    logged = read_log(server.data_dir, "cancer")
     mine = logged[logged["request_id"] == answer["request_id"]].sort_values("index")
     assert mine["index"].tolist() == [0, 1, 2, 3]
     assert mine["prediction"].tolist() == [p["label"] for p in answer["predictions"]]

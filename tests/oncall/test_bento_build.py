@@ -15,7 +15,6 @@ deploy.yaml. The build uses its own BENTOML_HOME and no network:
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from tests.oncall import kit
+from tests.servers import clean_env
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("bento")
     project = work / "project"
     shutil.copytree(kit.ROOT, project, ignore=shutil.ignore_patterns(*NOT_IN_A_CHECKOUT))
-    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    env = clean_env({"BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"})
     subprocess.run([str(BIN / "python"), "examples/train.py", "--register", "--registry", str(project / "models"),
                     "--out", str(work / "trained")], cwd=project, env=env, check=True, capture_output=True,
                    timeout=300)

@@ -60,17 +60,20 @@ def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- Prometheus
 
 
+@pytest.mark.integration  # runs promtool
 def test_promtool_accepts_the_config_and_finds_the_rules() -> None:
     result = promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout + result.stderr
 
 
+@pytest.mark.integration  # runs promtool
 def test_promtool_accepts_the_rules() -> None:
     result = promtool("check", "rules", "monitoring/alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration  # runs promtool
 def test_promtool_unit_tests_pass() -> None:
     result = promtool("test", "rules", "monitoring/alerts_test.yml")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -34,7 +34,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,21 +49,26 @@ import pytest
 import yaml
 
 from service.registry.register import register_model
-from tests import servers
 from tests.oncall import kit
 from tests.onnx_graphs import modified_regressor, slow_regressor, small_reference, sqrt_regressor
 from tests.servers import (
+    DEADLINE,
     VIGIL,
     PrometheusServer,
+    Running,
     VigilServer,
+    _parse_time,
     _stop,
     _wait_http,
+    clean_env,
     free_port,
     metric_value,
     vigil_server,
+    wait_for,
 )
 
-pytestmark = pytest.mark.integration
+# The first test also runs the module's scenario (about 70 s here).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 META = ("target", "prediction", "prediction_score")
 CANARY_RULES = {"min_requests": 20, "error_rate_increase": 0.02, "p95_latency_ratio": 5.0, "latency_floor_ms": 50,
@@ -165,7 +169,7 @@ def prometheus_from_repo_config(vigil_target: str) -> Iterator[PrometheusServer]
         proc = subprocess.Popen(
             [binary, f"--config.file={config_path}", f"--storage.tsdb.path={home / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}"],
-            cwd=home, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=home, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/-/ready", proc, log, 30.0)
         yield PrometheusServer(port)
@@ -186,10 +190,20 @@ def stack(registry: Path, deploy_file: Path, tmp_path_factory: pytest.TempPathFa
             stack = Stack(server, prom, registry, data_dir, deploy_file, started=time.time())
             prom.wait_for_scrape_after(time.time())
             run_scenario(stack)
-            # Two more scrapes after the last change, so every rate() sees it, and a few rule evaluations.
+            # Two more scrapes after the last change, so every rate() sees it, and every rule group
+            # evaluated after them.
             prom.wait_for_scrape_after(time.time() + 2.0)
-            time.sleep(2.0)
+            wait_for_rule_evaluation_after(prom, time.time())
             yield stack
+
+
+def wait_for_rule_evaluation_after(prom: PrometheusServer, since: float) -> None:
+    """Block until every rule group Prometheus loaded has been evaluated after ``since`` (unix time)."""
+    def evaluated() -> bool:
+        groups = httpx.get(f"{prom.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        return bool(groups) and all(_parse_time(g["lastEvaluation"]) > since for g in groups)
+
+    wait_for(evaluated)
 
 
 # ----------------------------------------------------------------------------- the traffic
@@ -290,7 +304,7 @@ def run_feedback(stack: Stack) -> None:
     unknown = stack.server.post("/feedback", json={"model": "cancer", "request_id": "0" * 32, "actuals": [1]})
     assert unknown.status_code == 404, unknown.text
     # The quality job over the joined rows, as a scheduler would run it: quality, bias and verdict gauges.
-    env = {**os.environ, "VIGIL_DATA_DIR": str(stack.data_dir), "VIGIL_REGISTRY": str(stack.registry)}
+    env = clean_env({"VIGIL_DATA_DIR": str(stack.data_dir), "VIGIL_REGISTRY": str(stack.registry)})
     until = datetime.now(timezone.utc) + timedelta(seconds=1)
     for model in ("cancer", "diabetes"):
         # No --version: diabetes has a 50% canary here, and the one request above may have reached it;
@@ -320,10 +334,9 @@ def run_drift(stack: Stack) -> None:
     """Log a window of shifted diabetes inputs, then run the drift job the way a scheduler would."""
     shifted = [{k: (v if k == "sex" else v * 1.5) for k, v in row.items()}
                for row in rows(stack.registry, "diabetes", 100)]
-    predict(stack, "diabetes", shifted)
-    predict(stack, "diabetes", shifted[::-1])
-    time.sleep(1.0)  # the prediction log flushes every 0.2 s (VIGIL_PREDLOG_FLUSH_SECONDS)
-    env = {**os.environ, "VIGIL_DATA_DIR": str(stack.data_dir), "VIGIL_REGISTRY": str(stack.registry)}
+    ids = [predict(stack, "diabetes", shifted)["request_id"], predict(stack, "diabetes", shifted[::-1])["request_id"]]
+    stack.server.wait_until_logged("diabetes", ids)
+    env = clean_env({"VIGIL_DATA_DIR": str(stack.data_dir), "VIGIL_REGISTRY": str(stack.registry)})
     # --version 1: the window also holds the canary's rows, and the newest version would be picked by default.
     # --until now: by default a run leaves out the last minute, which the log may still be flushing.
     until = datetime.now(timezone.utc) + timedelta(seconds=1)
@@ -347,14 +360,11 @@ def run_saturation(stack: Stack) -> None:
     other = {"model": "cancer", "instances": rows(stack.registry, "cancer", 1)}
     codes: list[int] = []
     for _ in range(3):  # each round keeps the worker busy for REQUEST_TIMEOUT_SECONDS
-        late: list[int] = []
-        busy = threading.Thread(target=lambda: late.append(stack.server.post("/predict", json=slow).status_code))
-        busy.start()
-        time.sleep(0.1)
+        busy = Running(lambda: stack.server.post("/predict", json=slow).status_code, name="slow-request")
         while busy.is_alive() and 429 not in codes:
             with httpx.Client(base_url=stack.server.url, timeout=30) as fresh:
                 codes.append(fresh.post("/predict", json=other).status_code)
-        busy.join(timeout=30)
+        late = [busy.result()]
         assert late == [504], late
         for code in late:
             count(stack, code)
@@ -368,11 +378,6 @@ def run_saturation(stack: Stack) -> None:
 def metric(stack: Stack, name: str, **labels: str) -> float | None:
     """A family's value summed over matching samples, straight from the service's /metrics."""
     return metric_value(stack.server.metrics_text(), name, **labels)
-
-
-def wait_for(condition: Any, timeout: float = 15.0) -> None:
-    """Poll ``condition`` until it holds (the scenario's steps get 15 s)."""
-    servers.wait_for(condition, timeout)
 
 
 # ----------------------------------------------------------------------------- dashboards
@@ -507,7 +512,8 @@ def active_alerts(prom: PrometheusServer) -> list[dict[str, Any]]:
     return httpx.get(f"{prom.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
 
 
-def wait_for_alert(prom: PrometheusServer, name: str, labels: dict[str, str], timeout: float = 20.0) -> dict[str, Any]:
+def wait_for_alert(prom: PrometheusServer, name: str, labels: dict[str, str],
+                   timeout: float = DEADLINE) -> dict[str, Any]:
     """The first active alert ``name`` whose labels include ``labels``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -527,17 +533,21 @@ def test_fault_makes_its_alert_active(stack: Stack, name: str, labels: dict[str,
     assert alert["annotations"]["summary"] and alert["annotations"]["description"]
 
 
-def test_drift_job_runs(stack: Stack) -> None:
+def test_drift_job_finds_the_drift_the_scenario_built(stack: Stack) -> None:
     run = stack.drift_run
     assert run is not None
     logged = sorted(str(p.relative_to(stack.data_dir)) for p in (stack.data_dir / "predlog").rglob("*.parquet"))
-    assert run.returncode in (0, 3), f"vigil drift run exited {run.returncode}:\n{run.stdout}\n{run.stderr}\n{logged}"
+    # Exit 3 is "drift detected": the window holds 200 rows with nine features scaled by 1.5.
+    assert run.returncode == 3, f"vigil drift run exited {run.returncode}:\n{run.stdout}\n{run.stderr}\n{logged}"
     assert (stack.data_dir / "drift" / "diabetes" / "1" / "latest.json").is_file()
 
 
-def test_service_down_alert_when_the_service_stops(stack: Stack) -> None:
-    """Last on purpose: stops the service (its fixture only cleans up afterwards)."""
-    os.killpg(stack.server.proc.pid, signal.SIGTERM)
-    stack.server.proc.wait(timeout=30)
-    alert = wait_for_alert(stack.prom, "VigilServiceDown", {"job": "vigil"})
-    assert alert["labels"]["instance"] == f"127.0.0.1:{stack.server.port}"
+def test_service_down_alert_when_the_service_stops(example_registry: Path) -> None:
+    """A service and Prometheus of its own: stopping the module's would break every test after it."""
+    with vigil_server(example_registry) as server:
+        with prometheus_from_repo_config(f"127.0.0.1:{server.port}") as prom:
+            prom.wait_for_scrape_after(time.time())
+            os.killpg(server.proc.pid, signal.SIGTERM)
+            server.proc.wait(timeout=30)
+            alert = wait_for_alert(prom, "VigilServiceDown", {"job": "vigil"})
+            assert alert["labels"]["instance"] == f"127.0.0.1:{server.port}"

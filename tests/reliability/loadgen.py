@@ -5,6 +5,7 @@
 Each of C threads keeps one connection and sends bodies in turn until N requests
 in total were answered (or S seconds passed). Prints one JSON line: requests,
 answered (200), instances answered, 5xx, other statuses, connection errors.
+A thread that fails otherwise makes the process exit 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import threading
 import time
+import traceback
 
 import httpx
 
@@ -32,8 +35,15 @@ def main() -> None:
     deadline = time.monotonic() + args.seconds if args.seconds else None
     lock = threading.Lock()
     totals = {"requests": 0, "answered": 0, "instances": 0, "errors5xx": 0, "other": 0, "connection_errors": 0}
+    failures: list[str] = []
 
     def worker() -> None:
+        try:
+            send()
+        except BaseException:  # noqa: BLE001 - reported by the main thread
+            failures.append(traceback.format_exc())
+
+    def send() -> None:
         counts = dict.fromkeys(totals, 0)
         with httpx.Client(base_url=args.url, timeout=30, headers={"content-type": "application/json"}) as client:
             while True:
@@ -68,6 +78,9 @@ def main() -> None:
         thread.join()
     totals["seconds"] = round(time.monotonic() - started, 3)
     print(json.dumps(totals), flush=True)
+    if failures:
+        print("\n".join(failures), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

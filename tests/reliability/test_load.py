@@ -13,12 +13,12 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
-import psutil
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from monitoring.metrics import FLUSH_SECONDS
 from monitoring.predlog import read_log
-from tests.servers import metric_value, prometheus_server, vigil_server
+from tests.servers import DEADLINE, VigilServer, metric_value, prometheus_server, vigil_server, wait_for, wait_for_value
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,9 @@ def start_load(url: str, bodies: Path, concurrency: int, requests: int = 0, seco
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 600) -> dict:
+    """The load generator's totals; fails if one of its threads failed (it exits 1, traceback on stderr)."""
     out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"the load generator failed (exit {proc.returncode}; its traceback is above)"
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -50,18 +52,7 @@ def reference_rows(registry: Path) -> list[dict]:
     return frame.drop(columns=["target", "prediction", "prediction_score"]).to_dict(orient="records")
 
 
-def worker_processes(server_pid: int) -> list[psutil.Process]:
-    """Live BentoML worker processes of a server (a killed one is a zombie until reaped: skipped)."""
-    workers = []
-    for proc in psutil.Process(server_pid).children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and any("_bentoml_impl.worker" in p for p in proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:
-            continue
-    return workers
-
-
+@pytest.mark.timeout(max(600, SOAK_REQUESTS // 50))  # ~40 s for the default 20,000 here
 def test_soak_loses_nothing_and_memory_stays_flat(example_registry: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
     rows = reference_rows(example_registry)
@@ -71,21 +62,22 @@ def test_soak_loses_nothing_and_memory_stays_flat(example_registry: Path, tmp_pa
         # ~12k requests (allocator pools and caches filling, with or without the prediction log),
         # then stays within a few MB; a leak would keep climbing.
         warmed = finish(start_load(server.url, bodies, 8, requests=12_000))
-        workers = worker_processes(server.proc.pid)
+        workers = server.workers()
         assert len(workers) == 2
         rss_before = sum(p.memory_info().rss for p in workers)
-        time.sleep(FLUSH_SECONDS + 1.0)  # each worker writes its counts every FLUSH_SECONDS: let the warm-up's land
-        before = metric_value(server.metrics_text(), "vigil_predictions_total") or 0
+        # Each worker writes its counts within its flush interval (about twice that when idle):
+        # wait until both workers' warm-up counts are exported.
+        server.wait_for_metric("vigil_predictions_total", warmed["instances"])
         result = finish(start_load(server.url, bodies, 8, requests=SOAK_REQUESTS))
         assert result["requests"] == result["answered"] == SOAK_REQUESTS, result
         assert result["errors5xx"] == result["connection_errors"] == 0, result
         rss_after = sum(p.memory_info().rss for p in workers)
         assert rss_after - rss_before < 25 * 1024 * 1024, (rss_before, rss_after)
-        time.sleep(FLUSH_SECONDS + 1.0)  # the last flush
-        answered = metric_value(server.metrics_text(), "vigil_predictions_total") - before
-        assert answered == result["instances"]
+        server.wait_for_metric("vigil_predictions_total", warmed["instances"] + result["instances"])
+        # Every answered instance is logged once; the log flushes within a second of the last request.
+        wait_for_value(lambda: len(read_log(data_dir, "cancer")), warmed["instances"] + result["instances"])
     logged = read_log(data_dir, "cancer")
-    assert len(logged) == answered + warmed["instances"]
+    assert len(logged) == warmed["instances"] + result["instances"]
     assert not logged.duplicated(["request_id", "index"]).any()
 
 
@@ -93,24 +85,21 @@ def test_sigkill_of_a_worker_mid_load(example_registry: Path, tmp_path: Path) ->
     rows = reference_rows(example_registry)
     with vigil_server(example_registry, workers=2) as server:
         with prometheus_server({"vigil": f"127.0.0.1:{server.port}"}) as prom:
-            workers = worker_processes(server.proc.pid)
+            workers = server.workers()
             assert len(workers) == 2
             load = start_load(server.url, write_bodies(tmp_path / "load.json", rows, [1, 4]), 8, seconds=12)
-            time.sleep(4)
+            # The load is under way, and Prometheus has scraped some of it, before the kill.
+            wait_for(lambda: (prom.value('sum(vigil_predictions_total{model="cancer"})') or 0) >= 500,
+                     what="the load did not reach Prometheus")
+            assert load.poll() is None, "the load ended before the kill"
             victim = workers[0]
-            killed_at = time.monotonic()
             os.kill(victim.pid, signal.SIGKILL)
-            alive: list[psutil.Process] = []
-            while time.monotonic() < killed_at + 15:
-                alive = [p for p in worker_processes(server.proc.pid) if p.pid != victim.pid]
-                if len(alive) == 2:
-                    break
-                time.sleep(0.2)
-            assert len(alive) == 2, "the killed worker was not replaced within 15 s"
+            wait_for(lambda: len([p for p in server.workers() if p.pid != victim.pid]) == 2,
+                     what="the killed worker was not replaced")
             result = finish(load)
             assert result["errors5xx"] == 0, result
             assert result["connection_errors"] <= 0.01 * (result["requests"] + result["connection_errors"]), result
-            time.sleep(2)
+            prom.wait_for_scrape_after(time.time())
             series = httpx.get(f"{prom.url}/api/v1/query",
                                params={"query": 'sum(vigil_predictions_total{model="cancer"})[1m:1s]'}).json()
             values = [float(v) for _, v in series["data"]["result"][0]["values"]]
@@ -118,57 +107,69 @@ def test_sigkill_of_a_worker_mid_load(example_registry: Path, tmp_path: Path) ->
             assert prom.value('sum(resets(vigil_predictions_total{model="cancer"}[1m]))') == 0
 
 
+def flushed_value(server: VigilServer, name: str, **labels: str) -> float:
+    """A family's value as the workers' metric files hold it, read without asking a worker (a
+    /metrics request would make the answering worker flush first)."""
+    directory = server.workers()[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return sum(s.value for family in registry.collect() for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
 def test_a_killed_worker_loses_no_counts_older_than_its_flush_interval(example_registry: Path) -> None:
-    """Counts a worker recorded more than FLUSH_SECONDS before a SIGKILL are still exported after it."""
+    """Counts a worker's idle flush has written before a SIGKILL are still exported after it."""
     rows = reference_rows(example_registry)
     with vigil_server(example_registry, workers=1) as server:
         for i in range(20):  # no scrape before the kill: only the worker's own flushes can save these
             answer = server.post("/predict", json={"model": "cancer", "instances": rows[i:i + 3]})
             assert answer.status_code == 200, answer.text
-        time.sleep(FLUSH_SECONDS + 1.0)  # idle now: the background thread's flush is due
-        victim = worker_processes(server.proc.pid)[0]
+        # Idle now: the background thread's flush writes the counts (within about twice
+        # VIGIL_METRICS_FLUSH_SECONDS); wait until the files hold them.
+        wait_for_value(lambda: flushed_value(server, "vigil_http_requests_total", endpoint="/predict"), 20)
+        victim = server.workers()[0]
         os.kill(victim.pid, signal.SIGKILL)
         text = ""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            replacement = [p for p in worker_processes(server.proc.pid) if p.pid != victim.pid]
+
+        def replaced_and_scraped() -> bool:
+            nonlocal text
+            if not [p for p in server.workers() if p.pid != victim.pid]:
+                return False
             try:  # a fresh connection: the kept-alive one died with the worker
-                if replacement and (response := httpx.get(f"{server.url}/metrics", timeout=5)).status_code == 200:
-                    text = response.text
-                    break
+                response = httpx.get(f"{server.url}/metrics", timeout=5)
             except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        assert text, "the killed worker was not replaced within 20 s"
+                return False
+            text = response.text if response.status_code == 200 else ""
+            return bool(text)
+
+        wait_for(replaced_and_scraped, what="the killed worker was not replaced")
         assert metric_value(text, "vigil_predictions_total", model="cancer") == 60
         assert metric_value(text, "vigil_request_duration_seconds_count", model="cancer") == 20
         assert metric_value(text, "vigil_http_requests_total", endpoint="/predict", code="200") == 20
 
 
 def test_containerized_worker_death_is_visible_in_readiness(example_registry: Path) -> None:
+    """In a container BentoML does not replace a dead worker: /readyz must turn 503 and name the count."""
     with vigil_server(example_registry, workers=2, env={"BENTOML_CONTAINERIZED": "true"}) as server:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and server.get("/readyz").json().get("workers", {}).get("alive") != 2:
-            time.sleep(0.3)
+        wait_for_value(lambda: server.get("/readyz").json().get("workers"), {"expected": 2, "alive": 2})
         assert server.get("/readyz").status_code == 200
-        victim = worker_processes(server.proc.pid)[0]
+        victim = server.workers()[0]
         os.kill(victim.pid, signal.SIGKILL)
-        seen: dict = {"status": None}
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        seen: dict = {}
+
+        def not_ready() -> bool:
             try:  # a fresh connection each time: the kept-alive one may have belonged to the dead worker
                 response = httpx.get(f"{server.url}/readyz", timeout=5)
             except httpx.TransportError:
-                time.sleep(0.3)
-                continue
-            seen = {"status": response.status_code, **response.json()}
-            if response.status_code == 503:
-                break
-            time.sleep(0.3)
-        if seen["status"] == 503:
-            assert seen["workers"] == {"expected": 2, "alive": 1}
-        else:  # BentoML replaced the worker after all: then both must be alive again
-            assert seen["workers"]["alive"] == 2 and len(worker_processes(server.proc.pid)) == 2
+                return False
+            seen.update(status=response.status_code, **response.json())
+            return response.status_code == 503
+
+        # Seen after ~8 s here: the dead worker's metric files are noticed on the next readiness check
+        # after its pid is gone.
+        wait_for(not_ready, timeout=2 * DEADLINE, what=lambda: f"/readyz still answers {seen}")
+        assert seen["ready"] is False and seen["workers"] == {"expected": 2, "alive": 1}
+        assert len(server.workers()) == 1  # not replaced
 
 
 def test_killed_worker_leaves_no_stuck_in_progress_gauge(example_registry: Path, trained_examples: dict[str, Path],
@@ -190,21 +191,17 @@ def test_killed_worker_leaves_no_stuck_in_progress_gauge(example_registry: Path,
         caller = subprocess.Popen([sys.executable, "-c", (
             "import httpx,sys; httpx.post(sys.argv[1] + '/predict', json={'model': 'glacial', 'instances': ["
             + repr(row) + "]}, timeout=60)"), server.url], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not metric_value(
-                server.metrics_text(), "vigil_http_requests_in_progress", endpoint="/predict"):
-            time.sleep(0.1)
-        assert metric_value(server.metrics_text(), "vigil_http_requests_in_progress", endpoint="/predict") == 1
-        victim = worker_processes(server.proc.pid)[0]
+        server.wait_for_metric("vigil_http_requests_in_progress", 1, endpoint="/predict")
+        victim = server.workers()[0]
         os.kill(victim.pid, signal.SIGKILL)
         caller.wait(timeout=60)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             try:
-                if server.get("/readyz").status_code == 200:
-                    break
+                return server.get("/readyz").status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+                return False
+
+        wait_for(ready, what="no worker ready after the kill")
         # The dead worker's +1 is gone (the series disappears until the new worker serves /predict).
         assert (metric_value(server.metrics_text(), "vigil_http_requests_in_progress", endpoint="/predict") or 0) == 0

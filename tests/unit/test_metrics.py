@@ -25,6 +25,7 @@ from monitoring.metrics import (
 from service.core.card import ModelCard
 from service.core.predictor import Predictions
 from service.registry.store import Registry
+from tests.servers import looping, wait_for
 
 
 @pytest.fixture
@@ -56,20 +57,14 @@ def one_counter(flush_seconds: float = 0.1) -> tuple[CollectorRegistry, VigilMet
 
 @contextmanager
 def flushing_meanwhile(metrics: VigilMetrics) -> Iterator[None]:
-    """Flush ``metrics`` from another thread, as fast as it can, while the block records."""
-    done = threading.Event()
-
-    def flush_repeatedly() -> None:
-        while not done.is_set():
+    """Flush ``metrics`` from another thread, as fast as it can, while the block records; a flush
+    that raises fails the test."""
+    def flush_repeatedly(stop: threading.Event) -> None:
+        while not stop.is_set():
             metrics.flush()
 
-    flusher = threading.Thread(target=flush_repeatedly)
-    flusher.start()
-    try:
+    with looping(flush_repeatedly, name="flusher"):
         yield
-    finally:
-        done.set()
-        flusher.join()
 
 
 def test_classifier_predictions_count_classes_and_scores(metrics: VigilMetrics, registry: CollectorRegistry,
@@ -218,7 +213,9 @@ def test_the_idle_flush_thread_waits_at_least_the_configured_interval() -> None:
     metrics.start_flushing()
     try:
         deferred.inc()
-        time.sleep(1.0)  # two idle intervals of the default 0.5 s, a third of the configured 3 s
+        # What must not happen can only be watched for a while: two idle intervals of the default
+        # 0.5 s, a third of the configured 3 s (this sleep waits for no state).
+        time.sleep(1.0)
         assert registry.get_sample_value("c_total") == 0
     finally:
         metrics.stop_flushing()
@@ -313,15 +310,34 @@ def test_model_info_and_readiness(metrics: VigilMetrics, registry: CollectorRegi
     assert value(registry, "vigil_model_ready", model="broken") == 0
 
 
-def test_process_sampler_reports_this_process(metrics: VigilMetrics, registry: CollectorRegistry) -> None:
+def test_process_sampler_reports_this_process(metrics: VigilMetrics, registry: CollectorRegistry,
+                                             tmp_path: Path) -> None:
+    import psutil
+
+    me = psutil.Process()
     sampler = ProcessSampler(metrics, worker="3")
     sampler.sample()
-    sum(i * i for i in range(200_000))  # burn a little CPU so the counter moves
+    # The counter is this process's CPU time (user + system) since it started, as the kernel counts it.
+    before = value(registry, "vigil_process_cpu_seconds_total", worker="3")
+    assert before == pytest.approx(time.process_time(), abs=0.1)
+    burn_until = time.process_time() + 0.3
+    while time.process_time() < burn_until:
+        pass
+    extra = [open(tmp_path / f"f{i}", "w") for i in range(7)]
+    try:
+        sampler.sample()
+        fds = value(registry, "vigil_process_open_fds", worker="3")
+        assert fds == me.num_fds()
+    finally:
+        for fh in extra:
+            fh.close()
+    after = value(registry, "vigil_process_cpu_seconds_total", worker="3")
+    assert after - before == pytest.approx(0.3, abs=0.1)  # the CPU just burnt, no more, no less
+    assert value(registry, "vigil_process_resident_memory_bytes", worker="3") == pytest.approx(
+        me.memory_info().rss, rel=0.1)
+    assert value(registry, "vigil_process_threads", worker="3") == me.num_threads()
     sampler.sample()
-    assert value(registry, "vigil_process_resident_memory_bytes", worker="3") > 10 * 1024 * 1024
-    assert value(registry, "vigil_process_cpu_seconds_total", worker="3") > 0
-    assert value(registry, "vigil_process_open_fds", worker="3") >= 3
-    assert value(registry, "vigil_process_threads", worker="3") >= 1
+    assert value(registry, "vigil_process_open_fds", worker="3") == fds - 7  # the seven files closed
 
 
 def test_a_started_sampler_samples_again_at_its_interval(metrics: VigilMetrics, registry: CollectorRegistry) -> None:
@@ -332,11 +348,9 @@ def test_a_started_sampler_samples_again_at_its_interval(metrics: VigilMetrics, 
     try:
         before = value(registry, "vigil_process_threads", worker="4")
         extra.start()
-        deadline = time.monotonic() + 5
-        while value(registry, "vigil_process_threads", worker="4") == before and time.monotonic() < deadline:
-            time.sleep(0.02)
         # Moved without a sample() call here (the sampler's own thread and the extra one both count).
-        assert value(registry, "vigil_process_threads", worker="4") > before
+        wait_for(lambda: value(registry, "vigil_process_threads", worker="4") > before,
+                 what="the sampler's thread did not sample again")
     finally:
         release.set()
         sampler.stop()
