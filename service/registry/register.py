@@ -439,6 +439,8 @@ def derive_fallback(task: str, labels: list[Any] | None, reference: Any, target:
             raise RegistryError(f"fallback kind must be one of rules, bucket_median, prior, median; got {kind!r}")
     if task == "classification":
         assert labels is not None
+        if truth.dtype.kind == "f" and truth.mod(1).eq(0).all():
+            truth = truth.astype(np.int64)  # integer labels read as floats because the target has nulls
         shares = truth.astype(str).value_counts(normalize=True)
         return PriorFallback(probabilities={str(label): float(shares.get(str(label), 0.0)) for label in labels})
     return MedianFallback(value=float(np.median(truth.to_numpy(dtype=np.float64))))
