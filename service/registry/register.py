@@ -162,8 +162,10 @@ def _reference_feeds(frame: Any, features: list[FeatureSpec], signature: OnnxSig
         column = frame[spec.name]
         if elem == "string":
             feeds[spec.name] = column.astype(object).where(column.notna(), "").astype(str).to_numpy(dtype=object).reshape(-1, 1)
+        elif elem in ("int64", "int32"):  # a null is fed as 0, as the ONNX runtime feeds it when serving
+            feeds[spec.name] = column.fillna(0).to_numpy(dtype=np.int64 if elem == "int64" else np.int32).reshape(-1, 1)
         else:
-            dtype = {"float": np.float32, "double": np.float64, "int64": np.int64, "int32": np.int32}[elem]
+            dtype = np.float64 if elem == "double" else np.float32
             feeds[spec.name] = column.to_numpy(dtype=dtype).reshape(-1, 1)
     return feeds
 
