@@ -46,6 +46,12 @@ def test_a_body_that_is_not_json_is_a_bad_request_naming_the_parse_error() -> No
     assert info.value.message.startswith("malformed JSON: ") and len(info.value.message) > len("malformed JSON: ")
 
 
+def test_a_body_with_nan_or_infinity_is_read_for_validation_to_name() -> None:
+    body = parse_json(b'{"a": NaN, "b": [1, 2]}')
+    assert np.isnan(body["a"]) and body["b"] == [1, 2]
+    assert parse_json(b'{"model": "m"}') == {"model": "m"}
+
+
 @pytest.mark.parametrize("count", [1, 5])
 def test_up_to_max_instances_are_accepted(count: int) -> None:
     assert len(parse_envelope({"model": "m", "instances": [{}] * count}, max_instances=5).instances) == count
@@ -79,6 +85,8 @@ def test_a_well_formed_envelope_is_taken_as_is_without_copying_the_instances(pay
     ({"model": "m", "instances": [], "colour": "red"},
      [{"field": "instances", "problem": "List should have at least 1 item after validation, not 0 (got list)"},
       {"field": "colour", "problem": "unknown feature"}]),
+    ({"model": "m", "instances": [{}], "key": 5},
+     [{"field": "key", "problem": "expected a string, got 5"}]),
     ([1, 2], [{"field": "body", "problem": "Input should be a valid dictionary or instance of PredictRequest "
                                            "(got list)"}]),
 ])
@@ -118,7 +126,7 @@ def test_plain_numeric_rows_never_reach_the_per_value_schema() -> None:
     validator.adapter = SchemaNotConsulted()  # type: ignore[assignment]
     batch, quality = validator.validate([{"a": 1, "b": 0.5}, {"a": 2.5, "b": -1}])
     assert batch.matrix is not None and batch.matrix.tolist() == [[1.0, 0.5], [2.5, -1.0]]
-    assert quality.out_of_range == {}
+    assert (quality.missing, quality.out_of_range) == ({}, {})
 
 
 @pytest.mark.parametrize(("length", "accepted"), [(1024, True), (1025, False)])
@@ -165,6 +173,29 @@ def test_an_instance_that_is_not_an_object_is_named_by_its_type() -> None:
     assert details == [{"instance": 0, "problem": "expected an object of feature values, got list"}]
 
 
+@pytest.mark.parametrize(("row", "problem"), [
+    ({"a": 1.0}, "missing feature"),
+    ({"a": float("nan"), "b": 0.0}, "expected a finite number, got nan"),
+    ({"a": None, "b": 0.0}, "expected a number, got null"),
+    ({"a": True, "b": 0.0}, "expected a number, got True"),
+])
+def test_each_numeric_problem_is_named(row: dict[str, Any], problem: str) -> None:
+    details = problems_of(InstanceValidator(BOUNDED), [row]).details
+    assert details == [{"instance": 0, "field": "a" if "b" in row else "b", "problem": problem}]
+
+
+@pytest.mark.parametrize(("value", "problem"), [(1.5, "expected an integer, got 1.5"),
+                                                (None, "expected an integer, got null")])
+def test_an_int_feature_names_what_it_got_instead(value: Any, problem: str) -> None:
+    assert problems_of(InstanceValidator(INTS), [{"n": value}]).details == [
+        {"instance": 0, "field": "n", "problem": problem}]
+
+
+def test_a_number_sent_for_a_string_feature_is_refused() -> None:
+    details = problems_of(InstanceValidator(MIXED), [{"city": 5, "x": 0.5}]).details
+    assert details == [{"instance": 0, "field": "city", "problem": "expected a string, got 5"}]
+
+
 def test_a_null_string_is_named_as_null() -> None:
     details = problems_of(InstanceValidator(MIXED), [{"city": None, "x": 0.5}]).details
     assert details == [{"instance": 0, "field": "city", "problem": "expected a string, got null"}]
@@ -196,6 +227,16 @@ def test_nulls_and_omitted_features_are_nulls_in_the_columns_and_counted_missing
     assert quality.out_of_range == {"x": 1}
 
 
+def test_numeric_nulls_are_nan_in_the_matrix_and_counted_missing() -> None:
+    validator = InstanceValidator(card([FeatureSpec(name="a", min=0.0, max=10.0),
+                                        FeatureSpec(name="b", min=-1.0, max=1.0, nullable=True)]))
+    batch, quality = validator.validate([{"a": 1, "b": None}, {"a": 2.5}, {"a": 3, "b": 0.5}])
+    assert (batch.size, batch.has_nulls, batch.columns) == (3, True, None)
+    assert batch.matrix is not None and batch.matrix.dtype == np.float64
+    assert np.array_equal(batch.matrix, [[1.0, np.nan], [2.5, np.nan], [3.0, 0.5]], equal_nan=True)
+    assert (quality.missing, quality.out_of_range) == ({"b": 2}, {})
+
+
 @pytest.mark.parametrize("row", [{"a": 0.0, "b": -1.0}, {"a": 10.0, "b": 1.0}])
 def test_a_value_on_the_reference_bounds_is_in_range(row: dict[str, float]) -> None:
     validator = InstanceValidator(BOUNDED)
@@ -209,6 +250,7 @@ def test_values_outside_the_reference_range_are_counted_per_feature() -> None:
     assert validator.validate([{"a": -0.5, "b": 1.5}])[1].out_of_range == {"a": 1, "b": 1}
     rows = [{"a": 10.5, "b": 0.0}, {"a": -1.0, "b": 2.0}, {"a": 5.0, "b": 0.0}]
     assert validator.validate(rows)[1].out_of_range == {"a": 2, "b": 1}
+    assert validator.validate(rows[2:0:-1])[1].out_of_range == {"a": 1, "b": 1}   # two rows: the second is out
 
 
 def test_a_feature_without_reference_bounds_is_never_out_of_range() -> None:
