@@ -163,8 +163,10 @@ def _reference_feeds(frame: Any, features: list[FeatureSpec], signature: OnnxSig
         column = frame[spec.name]
         if elem == "string":
             feeds[spec.name] = column.astype(object).where(column.notna(), "").astype(str).to_numpy(dtype=object).reshape(-1, 1)
+        elif elem in ("int64", "int32"):  # a null is fed as 0, as the ONNX runtime feeds it when serving
+            feeds[spec.name] = column.fillna(0).to_numpy(dtype=np.int64 if elem == "int64" else np.int32).reshape(-1, 1)
         else:
-            dtype = {"float": np.float32, "double": np.float64, "int64": np.int64, "int32": np.int32}[elem]
+            dtype = np.float64 if elem == "double" else np.float32
             feeds[spec.name] = column.to_numpy(dtype=dtype).reshape(-1, 1)
     return feeds
 
@@ -438,6 +440,8 @@ def derive_fallback(task: str, labels: list[Any] | None, reference: Any, target:
             raise RegistryError(f"fallback kind must be one of rules, bucket_median, prior, median; got {kind!r}")
     if task == "classification":
         assert labels is not None
+        if truth.dtype.kind == "f" and truth.mod(1).eq(0).all():
+            truth = truth.astype(np.int64)  # integer labels read as floats because the target has nulls
         shares = truth.astype(str).value_counts(normalize=True)
         return PriorFallback(probabilities={str(label): float(shares.get(str(label), 0.0)) for label in labels})
     return MedianFallback(value=float(np.median(truth.to_numpy(dtype=np.float64))))

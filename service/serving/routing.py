@@ -201,8 +201,8 @@ def state_of(served: ServedVersion, policy: ModelPolicy) -> str:
         return "load_failed"
     if served.breaker.state != "closed":
         return "breaker_open" if served.breaker.state == "open" else "breaker_half_open"
-    if served.health.drift_detected:
-        return "degraded_by_drift" if policy.on_drift == "fallback" else "serving"
+    if served.health.drift_detected and policy.on_drift == "fallback":
+        return "degraded_by_drift"
     if served.health.quality_degraded and policy.on_quality_degraded == "fallback":
         return "degraded_by_quality"
     return "serving"
