@@ -35,8 +35,8 @@ class EdgeMiddleware:
 
     BentoML puts a user middleware inside its tracing and timeout layers but
     outside its CORS and context middleware, its router and the mounted app.
-    ``POST /predict``, ``/feedback`` and ``/v2/models/.../infer`` go from here to
-    the service's handlers directly: those layers do nothing for them and cost a noticeable share of a
+    ``POST /predict``, ``/feedback`` and every ``/v2`` route go from here to the
+    service's handlers directly: those layers do nothing for them and cost a noticeable share of a
     single-row prediction (``benchmarks/README.md``). With CORS enabled in
     BentoML's config they take the normal way, so CORS headers are never lost.
     """
@@ -49,7 +49,7 @@ class EdgeMiddleware:
         self._service: Any = None
         self._direct = False
         self._hot: dict[str, Any] = {}
-        self._infer: Any = None
+        self._v2: Any = None
         if handlers is not None:
             self._take(handlers, v2)
 
@@ -66,10 +66,12 @@ class EdgeMiddleware:
             await _ready(service, send)
             return
         handler = None
-        if self._direct and scope.get("method") == "POST":
-            handler = self._hot.get(path)
-            if handler is None and path.startswith("/v2/models/") and path.endswith("/infer"):
-                handler = self._infer
+        if self._direct:
+            method = scope.get("method")
+            if method == "POST":
+                handler = self._hot.get(path)
+            if handler is None and self._v2 is not None and path.startswith("/v2"):
+                handler = self._v2.handler(method, path)
         metrics = service.metrics
         if metrics is None or path in UNTRACKED:
             if handler is not None:
@@ -113,7 +115,7 @@ class EdgeMiddleware:
 
     def _take(self, handlers: Any, v2: Any) -> None:
         self._hot = {"/predict": handlers.predict, "/feedback": handlers.feedback}
-        self._infer = v2.infer if v2 is not None else None
+        self._v2 = v2
         self._direct = not cors_enabled()
         self._service = handlers
 

@@ -5,7 +5,9 @@ and what the edge middleware labels requests by (:func:`endpoint_of`, a fixed
 set of templates, never the raw path). ``POST .../infer`` is answered by
 :meth:`V2Handlers.infer`, which decodes the tensors with :mod:`service.oip` and
 hands them to :meth:`ModelServer.infer <service.serving.server.ModelServer.infer>`:
-the same pipeline, limits, metrics and prediction log as ``/predict``. Every
+the same pipeline, limits, metrics and prediction log as ``/predict``. The
+edge answers every ``/v2`` route through :meth:`V2Handlers.handler` (unless
+CORS is on; FastAPI's router takes them then). Every
 refusal has OIP's body, ``{"error": "<message naming the input, row and
 problem>"}``, with Vigil's ``code`` and ``details`` beside it; values that do
 not fit the card are a 400 here (OIP's status for a request it cannot infer)
@@ -15,7 +17,7 @@ where ``/predict`` answers 422.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -95,6 +97,16 @@ class V2Handlers:
         self.server = handlers.server
         self.settings = handlers.settings
         self.metadata = {"name": "vigil", "version": _server_version(), "extensions": oip.EXTENSIONS}
+        self._handlers = {(route.method, route.endpoint): getattr(self, route.handler) for route in ROUTES}
+
+    def handler(self, method: str | None, path: str) -> Callable[[Request], Awaitable[Response]] | None:
+        """The handler of a ``/v2`` request by the route table, or None (unknown path or method).
+
+        The edge answers ``/v2`` with it: BentoML's router does not reach a
+        path whose model name holds a line break, and would answer its own
+        plain-text 404.
+        """
+        return self._handlers.get((method, _match(path)[0]))
 
     @answers_oip_errors
     async def server_metadata(self, request: Request) -> Response:
@@ -182,6 +194,11 @@ class Route:
     summary: str
     responses: dict[int | str, dict[str, Any]]
     body: dict[str, Any] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The route's ``endpoint`` label: its path with ``{name}`` and ``{version}``."""
+        return self.path.replace("{model_name}", "{name}").replace("{model_version}", "{version}")
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
