@@ -58,6 +58,8 @@ MATRIX_TYPES = frozenset({"FP32", "FP64"})
 _INTS = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"})
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _LENGTH = struct.Struct("<I")
+_ABSENT: Any = object()
+"""A field the request does not have (a field that is there, null included, must have its type)."""
 
 
 def invalid(message: str, field: str | None = None) -> BadRequest:
@@ -122,10 +124,10 @@ def parse_request(body: bytes, header_length: str | None, max_instances: int) ->
     unknown = sorted(str(k) for k in payload.keys() - _REQUEST_KEYS)
     if unknown:
         raise invalid(f"unknown request field(s) {unknown}; an inference request has id, parameters, inputs, outputs")
-    request_id = payload.get("id")
-    if request_id is not None and (type(request_id) is not str or len(request_id) > MAX_ID):
+    request_id = payload.get("id", "")  # a field that is present must have its type: null is not absent
+    if type(request_id) is not str or len(request_id) > MAX_ID:
         raise invalid(f"id must be a string of at most {MAX_ID} characters (it is the id /feedback takes)", "id")
-    parameters = _parameters(payload.get("parameters"), "parameters")
+    parameters = _parameters(payload.get("parameters", _ABSENT), "parameters")
     key = parameters.get("key")
     if key is not None and (type(key) is not str or len(key) > MAX_KEY):
         raise invalid(f"parameters.key must be a string of at most {MAX_KEY} characters", "parameters.key")
@@ -142,11 +144,12 @@ def parse_request(body: bytes, header_length: str | None, max_instances: int) ->
     if offset != len(binary):
         raise invalid(f"the body has {len(binary)} bytes of binary data after the JSON header; the inputs' "
                       f"binary_data_size add up to {offset}")
-    return InferRequest(request_id or None, parameters, tensors, _outputs(payload.get("outputs")), binary_outputs)
+    outputs = _outputs(payload.get("outputs", _ABSENT))
+    return InferRequest(request_id or None, parameters, tensors, outputs, binary_outputs)
 
 
 def _parameters(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
+    if value is _ABSENT:
         return {}
     if type(value) is not dict:
         raise invalid(f"{where} must be an object", where)
@@ -163,7 +166,7 @@ def _tensor(item: Any, index: int, binary: memoryview, offset: int, max_instance
         raise invalid(f"{where}.name must be a non-empty string", where)
     where = f"input '{name}'"
     datatype = item.get("datatype")
-    if datatype not in NUMPY_TYPES and datatype != "BYTES":
+    if type(datatype) is not str or (datatype not in NUMPY_TYPES and datatype != "BYTES"):
         raise invalid(f"{where}: datatype {datatype!r} is not one this server reads "
                       f"({', '.join([*NUMPY_TYPES, 'BYTES'])})", name)
     shape = item.get("shape")
@@ -172,7 +175,7 @@ def _tensor(item: Any, index: int, binary: memoryview, offset: int, max_instance
     if shape[0] > max_instances:
         raise PayloadTooLarge(f"{where} has {shape[0]} rows; the limit is {max_instances}", code="too_many_instances")
     count = math.prod(shape)
-    parameters = _parameters(item.get("parameters"), f"{where} parameters")
+    parameters = _parameters(item.get("parameters", _ABSENT), f"{where} parameters")
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in item:
@@ -242,7 +245,7 @@ def _binary_strings(chunk: memoryview, count: int, where: str, name: str) -> lis
 
 
 def _outputs(value: Any) -> list[RequestedOutput] | None:
-    if value is None:
+    if value is _ABSENT:
         return None
     if type(value) is not list:
         raise invalid("outputs must be a list of {name, parameters}", "outputs")
@@ -250,7 +253,7 @@ def _outputs(value: Any) -> list[RequestedOutput] | None:
     for i, item in enumerate(value):
         if type(item) is not dict or type(item.get("name")) is not str:
             raise invalid(f"outputs[{i}] must be an object with a name", "outputs")
-        binary = _parameters(item.get("parameters"), f"outputs[{i}].parameters").get("binary_data")
+        binary = _parameters(item.get("parameters", _ABSENT), f"outputs[{i}].parameters").get("binary_data")
         if binary is not None and type(binary) is not bool:
             raise invalid(f"output '{item['name']}': binary_data must be true or false", item["name"])
         out.append(RequestedOutput(item["name"], binary))

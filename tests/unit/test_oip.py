@@ -87,6 +87,7 @@ def test_binary_inputs_are_read_in_order_after_the_header() -> None:
     ([tensor([1, 2], [1, 3])], b"", "data has 2 elements; its shape needs 3"),
     ([tensor([1, 2, 3], [1, -3])], b"", "shape must be a non-empty list of non-negative integers"),
     ([tensor([1, 2, 3], [1, 3], datatype="FP8")], b"", "datatype 'FP8' is not one this server reads"),
+    ([tensor([1, 2, 3], [1, 3], datatype=["FP32"])], b"", "datatype ['FP32'] is not one this server reads"),
     ([{"name": "input", "shape": [1], "datatype": "FP32"}], b"", "neither data nor a binary_data_size"),
 ])
 def test_structural_problems_are_400_naming_the_input(inputs: Any, binary: bytes, says: str) -> None:
@@ -100,6 +101,12 @@ def test_binary_data_beyond_the_inputs_sizes_is_refused() -> None:
                                          "binary_data_size add up to 12"):
         request([{"name": "input", "shape": [1, 3], "datatype": "FP32", "parameters": {"binary_data_size": 12}}],
                 b"\0" * 16)
+
+
+@pytest.mark.parametrize("field", ["id", "parameters", "outputs"])
+def test_a_null_field_is_not_an_absent_one(field: str) -> None:
+    with pytest.raises(BadRequest, match=field):
+        request([tensor([1, 2, 3], [1, 3])], **{field: None})
 
 
 def test_a_header_length_past_the_body_is_refused() -> None:
