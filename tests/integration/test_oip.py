@@ -3,9 +3,10 @@
 The registry holds the examples (cancer: a classifier over one [N, 30] tensor;
 diabetes: a regressor over one [N, 10] tensor), ``wine`` (one input per
 feature, one of them a string), cancer:2 (an identical copy, the canary at half
-the traffic) and diabetes:4 (fails for ``sex`` > 2, served as a canary without
-traffic, so only a pinned call reaches it). Every answer is compared with
-onnxruntime on the same rows.
+the traffic), diabetes:4 (fails for ``sex`` > 2, served as a canary without
+traffic, so only a pinned call reaches it) and ``glacial`` (a loop far longer
+than any budget here). Every answer is compared with onnxruntime on the same
+rows.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def registry(example_registry: Path, trained_examples: dict[str, Path], tmp_path
     model = fx.export(wine.estimator, fx.per_feature_types(WINE_INPUTS, {fx.WINE_CATEGORICAL}), zipmap=False)
     files = fx.write_artefacts(work / "wine", model, reference)
     register_model("wine", files.model, files.reference, target=fx.TARGET, registry=root)
+    glacial = modified_regressor(diabetes / "model.onnx", work / "glacial.onnx", delay_iterations=100_000_000)
+    register_model("glacial", glacial, diabetes / "reference.parquet", target=fx.TARGET, registry=root)
     return root
 
 
@@ -380,28 +383,14 @@ def test_binary_outputs_for_the_whole_request(server: VigilServer, registry: Pat
 # --------------------------------------------------------------------------- concurrency limit and timeout
 
 
-@pytest.fixture(scope="module")
-def glacial_registry(example_registry: Path, trained_examples: dict[str, Path],
-                     tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The examples plus 'glacial': the diabetes model behind a loop far longer than any budget here."""
-    work = tmp_path_factory.mktemp("oip-glacial")
-    root = work / "models"
-    shutil.copytree(example_registry, root)
-    slow = modified_regressor(trained_examples["diabetes"] / "model.onnx", work / "glacial.onnx",
-                              delay_iterations=100_000_000)
-    register_model("glacial", slow, trained_examples["diabetes"] / "reference.parquet", target=fx.TARGET,
-                   registry=root)
-    return root
-
-
-def test_concurrency_limit_and_timeout_apply_to_v2(glacial_registry: Path, tmp_path: Path) -> None:
+def test_concurrency_limit_and_timeout_apply_to_v2(registry: Path, tmp_path: Path) -> None:
     """Two calls that outlive the 3 s request timeout hold both slots: a third, by /v2 or /predict, is 429."""
     deploy = tmp_path / "deploy.yaml"
     deploy.write_text(yaml.safe_dump({"models": {"glacial": {"timeout_ms": 6000}}}))
     env = {"VIGIL_DEPLOY": str(deploy), "VIGIL_MAX_CONCURRENCY": "2", "VIGIL_REQUEST_TIMEOUT_SECONDS": "3"}
-    row = features(glacial_registry, "diabetes", 1).iloc[0].tolist()
+    row = features(registry, "diabetes", 1).iloc[0].tolist()
     body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 10], "data": row}]}
-    with vigil_server(glacial_registry, env=env) as server:
+    with vigil_server(registry, env=env) as server:
         answers: list[httpx.Response] = []
 
         def slow_call() -> None:
