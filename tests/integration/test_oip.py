@@ -41,7 +41,8 @@ INFER = "/v2/models/{name}/infer"
 
 
 @pytest.fixture(scope="module")
-def registry(example_registry: Path, trained_examples: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def registry(example_registry: Path, trained_examples: dict[str, Path],
+             tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("oip")
     root = work / "models"
     shutil.copytree(example_registry, root)
