@@ -5,8 +5,11 @@ Routes belong to a FastAPI app mounted into the BentoML service with
 them; each one calls a method of :class:`~service.http.handlers.Handlers`. The
 edge middleware (:mod:`service.http.edge`) answers ``POST /predict`` and
 ``/feedback`` with the same handlers before BentoML's router, unless CORS is
-enabled in BentoML's config. BentoML provides the server, the workers and
-``/livez``; the edge answers ``/readyz``.
+enabled in BentoML's config. The Open Inference Protocol's ``/v2`` routes come
+from their own route table (:mod:`service.http.v2`), answered by the worker's
+:class:`~service.http.v2.V2Handlers`; the edge answers ``POST .../infer``
+directly too. BentoML provides the server, the workers and ``/livez``; the
+edge answers ``/readyz``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from service.core.settings import Settings
-from service.http.bentoml_compat import freeze_heap, patch_timeout_middleware, service_config, worker_label
+from service.http.bentoml_compat import (
+    current_service,
+    freeze_heap,
+    patch_timeout_middleware,
+    service_config,
+    worker_label,
+)
 from service.http.edge import EdgeMiddleware
 from service.http.handlers import Handlers
 from service.http.schemas import (
@@ -27,6 +36,7 @@ from service.http.schemas import (
     PREDICT_BODY,
     PredictResponse,
 )
+from service.http.v2 import V2Handlers, router
 from service.serving.worker import Worker
 
 __all__ = ["Vigil", "http"]
@@ -35,6 +45,7 @@ SETTINGS = Settings()
 """Read once per process: ``@bentoml.service`` needs the worker count before any worker starts."""
 
 http = FastAPI(title="Vigil", description="Predictions from registered ONNX models, monitored.")
+http.include_router(router(lambda: current_service().v2))
 
 
 @bentoml.service(**service_config(SETTINGS))
@@ -47,6 +58,7 @@ class Vigil:
         self.worker = Worker(SETTINGS, worker_label())
         self.worker.start()
         self.handlers = Handlers(self.worker)
+        self.v2 = V2Handlers(self.handlers)
         freeze_heap()
 
     def __is_ready__(self) -> bool:

@@ -164,6 +164,7 @@ class InstanceValidator:
         self._bounds_hi = self._maxs.tolist()
         self._name_set = frozenset(self.names)
         self._int_columns = [i for i, f in enumerate(card.features) if f.type == "int"]
+        self._nullable_columns = np.array([f.nullable for f in card.features], dtype=bool)
 
     def validate(self, instances: list[dict[str, Any]]) -> tuple[Batch, InputQuality]:
         """Check every instance; raise :class:`InvalidInput` listing every problem found."""
@@ -212,6 +213,53 @@ class InstanceValidator:
                 if count:
                     missing[name] = count
         return batch, InputQuality(missing=missing, out_of_range=self._out_of_range(numeric))
+
+    def validate_matrix(self, matrix: np.ndarray) -> tuple[Batch, InputQuality]:
+        """Check a numeric matrix (rows x the card's features, in card order) as :meth:`validate` checks instances.
+
+        For inputs that arrive as numbers already (a decoded tensor), so no
+        instance dicts are built. NaN is a null: accepted (and counted missing)
+        where the feature is nullable, refused elsewhere like every ±inf;
+        ``int`` features take integral values only. Raises
+        :class:`InvalidInput` naming each row and feature, like :meth:`validate`.
+        """
+        assert self.all_numeric, "a matrix carries numeric features only"
+        matrix = np.asarray(matrix, dtype=np.float64)
+        size = len(matrix)
+        finite = np.isfinite(matrix)
+        has_nulls = False
+        missing: dict[str, int] = {}
+        details: list[dict[str, Any]] = []
+        if not finite.all():
+            nulls = np.isnan(matrix) & self._nullable_columns
+            has_nulls = bool(nulls.any())
+            for row, column in zip(*np.nonzero(~finite & ~nulls)):
+                value = float(matrix[row, column])
+                details.append({"instance": int(row), "field": self.names[column],
+                                "problem": f"expected a finite number, got {value!r}"})
+            if has_nulls:
+                counts = nulls.sum(axis=0)
+                missing = {self.names[i]: int(c) for i, c in enumerate(counts) if c}
+        if self._int_columns:
+            ints = matrix[:, self._int_columns]
+            with np.errstate(invalid="ignore"):
+                bad = np.isfinite(ints) & ((ints != np.floor(ints)) | (np.abs(ints) >= 2.0**63))
+            for row, position in zip(*np.nonzero(bad)):
+                column = self._int_columns[position]
+                details.append({"instance": int(row), "field": self.names[column],
+                                "problem": f"expected an integer, got {float(matrix[row, column])!r}"})
+        if details:
+            details.sort(key=lambda d: (d["instance"], self.names.index(d["field"])))
+            raise InvalidInput(f"{len(details)} problem(s) in the instances for model '{self.card.name}'",
+                               details[:100])
+        return (Batch(size=size, matrix=matrix, has_nulls=has_nulls),
+                InputQuality(missing=missing, out_of_range=self._out_of_range(matrix)))
+
+    def instances_of(self, matrix: np.ndarray) -> list[dict[str, Any]]:
+        """The instance dicts a matrix stands for (None for NaN, ``int`` features as integers), as a client would send them."""
+        ints = set(self._int_columns)
+        return [{name: None if v != v else (int(v) if i in ints else v) for i, (name, v) in enumerate(zip(self.names, row))}
+                for row in matrix.tolist()]
 
     def numeric_matrix(self, instances: list[Any]) -> np.ndarray | None:
         """The float64 matrix of instances that are plainly valid, else None.

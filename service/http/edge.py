@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from monitoring.metrics import METHOD_CODES, OTHER_METHOD, pack_row
 from service.http.bentoml_compat import cors_enabled, current_service
+from service.http.v2 import endpoint_of
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -25,12 +26,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ENDPOINTS = frozenset({"/predict", "/feedback", "/models", "/metrics", "/livez", "/healthz", "/readyz",
                        "/admin/reload", "/admin/rollback", "/admin/promote", "/docs.json", "/"})
-UNTRACKED = frozenset({"/metrics", "/livez", "/healthz", "/readyz"})
+UNTRACKED = frozenset({"/metrics", "/livez", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 """Probes and scrapes: answered, but not counted as traffic."""
-
-
-HOT_ROUTES = frozenset({"/predict", "/feedback"})
-"""POST routes the edge hands straight to the service's handlers."""
 
 
 class EdgeMiddleware:
@@ -38,19 +35,23 @@ class EdgeMiddleware:
 
     BentoML puts a user middleware inside its tracing and timeout layers but
     outside its CORS and context middleware, its router and the mounted app.
-    ``POST /predict`` and ``/feedback`` go from here to the service's handlers
-    directly: those layers do nothing for them and cost a noticeable share of a
+    ``POST /predict``, ``/feedback`` and every ``/v2`` route go from here to the
+    service's handlers directly: those layers do nothing for them and cost a noticeable share of a
     single-row prediction (``benchmarks/README.md``). With CORS enabled in
     BentoML's config they take the normal way, so CORS headers are never lost.
     """
 
-    def __init__(self, app: ASGIApp, handlers: Any = None) -> None:
-        """Wrap ``app``; ``handlers`` are the worker's :class:`~service.http.handlers.Handlers`,
-        else found through BentoML's current service at the first request (BentoML builds
-        its middleware before the service instance exists)."""
+    def __init__(self, app: ASGIApp, handlers: Any = None, v2: Any = None) -> None:
+        """Wrap ``app``; ``handlers`` are the worker's :class:`~service.http.handlers.Handlers` (and ``v2``
+        its :class:`~service.http.v2.V2Handlers`), else found through BentoML's current service at the
+        first request (BentoML builds its middleware before the service instance exists)."""
         self.app = app
-        self._service: Any = handlers
-        self._direct = handlers is not None and not cors_enabled()
+        self._service: Any = None
+        self._direct = False
+        self._hot: dict[str, Any] = {}
+        self._v2: Any = None
+        if handlers is not None:
+            self._take(handlers, v2)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,22 +65,29 @@ class EdgeMiddleware:
         if path == "/readyz" and scope.get("method") in ("GET", "HEAD"):
             await _ready(service, send)
             return
-        direct = self._direct and path in HOT_ROUTES and scope.get("method") == "POST"
+        handler = None
+        if self._direct:
+            method = scope.get("method")
+            if method == "POST":
+                handler = self._hot.get(path)
+            if handler is None and self._v2 is not None and path.startswith("/v2"):
+                handler = self._v2.handler(method, path)
         metrics = service.metrics
         if metrics is None or path in UNTRACKED:
-            if direct:
-                await _answer_directly(service, path, scope, receive, send)
+            if handler is not None:
+                await _answer_directly(handler, scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
-        # A known path is its own label; any other path is 'other' and is never a key.
-        recorder = metrics.endpoints.get(path) or metrics.endpoint(path if path in ENDPOINTS else "other")
+        # A known path is its own label; a /v2 path is its route's template; any other path is
+        # 'other' and is never a key.
+        recorder = metrics.endpoints.get(path) or metrics.endpoint(path if path in ENDPOINTS else endpoint_of(path))
         status = 500
         recorder.active += 1
         started = time.perf_counter()
         try:
-            if direct:  # the handler's response says its status: no wrapper around send
-                status = await _answer_directly(service, path, scope, receive, send)
+            if handler is not None:  # the handler's response says its status: no wrapper around send
+                status = await _answer_directly(handler, scope, receive, send)
             else:
                 async def recording_send(message: dict[str, Any]) -> None:
                     nonlocal status
@@ -102,14 +110,18 @@ class EdgeMiddleware:
         handlers = getattr(service, "handlers", None)
         if handlers is None:
             return None
-        self._service = handlers
-        self._direct = not cors_enabled()
+        self._take(handlers, getattr(service, "v2", None))
         return handlers
 
+    def _take(self, handlers: Any, v2: Any) -> None:
+        self._hot = {"/predict": handlers.predict, "/feedback": handlers.feedback}
+        self._v2 = v2
+        self._direct = not cors_enabled()
+        self._service = handlers
 
-async def _answer_directly(service: Any, path: str, scope: Scope, receive: Receive, send: Send) -> int:
+
+async def _answer_directly(handler: Any, scope: Scope, receive: Receive, send: Send) -> int:
     """Answer a hot route with the service's handler; returns the status sent."""
-    handler = service.predict if path == "/predict" else service.feedback
     response = await handler(Request(scope, receive))
     await response(scope, receive, send)
     return int(response.status_code)

@@ -37,7 +37,9 @@ from service.http.schemas import AdminModelRequest
 from service.inputs import parse_envelope, parse_json
 from service.serving.worker import Worker
 
-Handler = Callable[["Handlers", Request], Awaitable[Response]]
+Handler = Callable[[Any, Request], Awaitable[Response]]
+Answer = Callable[[Request, str], Awaitable[Response]]
+"""What runs within the limits: the request and its request id in, the response out."""
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -45,17 +47,33 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def answers_errors(handler: Handler) -> Handler:
-    """The one error wrapper: a :class:`VigilError` becomes its status, its headers and ``error_body``."""
+def error_wrapper(respond: Callable[[VigilError], Response]) -> Callable[[Handler], Handler]:
+    """An error wrapper: a :class:`VigilError` raised by the handler is answered with ``respond(error)``.
 
-    @functools.wraps(handler)
-    async def wrapped(self: Handlers, request: Request) -> Response:
-        try:
-            return await handler(self, request)
-        except VigilError as exc:
-            return json_response(error_body(exc), exc.status_code, exc.headers or None)
+    :func:`answers_errors` is Vigil's own (``error_body`` with the error's status
+    and headers); the ``/v2`` routes write OIP's error body with the same wrapper.
+    """
 
-    return wrapped
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapped(self: Any, request: Request) -> Response:
+            try:
+                return await handler(self, request)
+            except VigilError as exc:
+                return respond(exc)
+
+        return wrapped
+
+    return wrap
+
+
+def error_response(error: VigilError) -> Response:
+    """A :class:`VigilError` as its status, its headers and ``error_body``."""
+    return json_response(error_body(error), error.status_code, error.headers or None)
+
+
+answers_errors = error_wrapper(error_response)
+"""The one error wrapper of Vigil's own routes."""
 
 
 class Handlers:
@@ -78,28 +96,33 @@ class Handlers:
         with 504 past the request timeout; every answer carries the request id.
         """
         request_id = self._next_request_id()
-        settings = self.settings
         try:
-            if self._in_flight >= settings.max_concurrency:
-                # Refuse at once, before reading the body: queueing would only add latency to
-                # every request while the worker is saturated.
-                if self.metrics is not None:
-                    self.metrics.counter(self.metrics.overloaded, "/predict").inc()
-                raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
-            self._in_flight += 1
-            try:
-                # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
-                async with asyncio.timeout(settings.request_timeout_seconds):
-                    return await self._predict(request, request_id)
-            except TimeoutError:
-                if self.metrics is not None:
-                    self.metrics.counter(self.metrics.request_timeouts, "/predict").inc()
-                raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
-            finally:
-                self._in_flight -= 1
+            return await self.within_limits("/predict", self._predict, request, request_id)
         except VigilError as exc:
             exc.headers = {**exc.headers, "X-Request-ID": request_id}
             raise
+
+    async def within_limits(self, endpoint: str, answer: Answer, request: Request, request_id: str) -> Response:
+        """Run ``answer`` under the worker's concurrency limit (429) and request timeout (504), shared by every
+        prediction route; ``endpoint`` is the bounded label the refusals are counted under."""
+        settings = self.settings
+        if self._in_flight >= settings.max_concurrency:
+            # Refuse at once, before reading the body: queueing would only add latency to
+            # every request while the worker is saturated.
+            if self.metrics is not None:
+                self.metrics.counter(self.metrics.overloaded, endpoint).inc()
+            raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
+        self._in_flight += 1
+        try:
+            # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
+            async with asyncio.timeout(settings.request_timeout_seconds):
+                return await answer(request, request_id)
+        except TimeoutError:
+            if self.metrics is not None:
+                self.metrics.counter(self.metrics.request_timeouts, endpoint).inc()
+            raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
+        finally:
+            self._in_flight -= 1
 
     async def _predict(self, request: Request, request_id: str) -> Response:
         model: str | None = None
@@ -208,10 +231,12 @@ def check_admin(request: Request, token: SecretStr | None) -> None:
         raise Unauthorized("missing or wrong bearer token")
 
 
-def check_content_type(request: Request) -> None:
+def check_content_type(request: Request, also: frozenset[str] = frozenset()) -> None:
+    """415 unless the body is JSON (or, for routes that take it, one of the media types ``also``)."""
     content_type = request.headers.get("content-type")
     if content_type is None:
         return  # curl-style clients without a header still send JSON; the parser decides
     media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaType(f"expected Content-Type application/json, got '{media or content_type}'")
+    if media != "application/json" and not media.endswith("+json") and media not in also:
+        accepted = " or ".join(["application/json", *sorted(also)])
+        raise UnsupportedMediaType(f"expected Content-Type {accepted}, got '{media or content_type}'")

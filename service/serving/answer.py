@@ -21,7 +21,6 @@ import numpy as np
 
 from monitoring.predlog import LoggedRequest
 from service.core.predictor import Batch, ModelTimeout, Predictions, Predictor, binary_or_top_score
-from service.inputs import PredictRequest
 from service.serving.deploy import ModelPolicy
 from service.serving.routing import ModelEntry, ServedVersion, degraded_reason, invalid_rows, merge
 
@@ -205,8 +204,9 @@ def response_items(served: ServedVersion, outcome: Outcome) -> list[dict[str, An
     return items
 
 
-def log_record(served: ServedVersion, request: PredictRequest, request_id: str, batch: Batch,
+def log_record(served: ServedVersion, instances: list[dict[str, Any]] | None, request_id: str, batch: Batch,
                 outcome: Outcome) -> LoggedRequest:
+    """The prediction log's record of a request; ``instances`` (as sent) are kept where the matrix does not suffice."""
     predictions = outcome.predictions
     if predictions.values is not None:
         prediction: list[Any] = predictions.values.tolist()
@@ -219,5 +219,5 @@ def log_record(served: ServedVersion, request: PredictRequest, request_id: str, 
     # With the numeric matrix the log needs the instance dicts only to hash PII features.
     keep_instances = batch.matrix is None or served.card.hashes_pii
     return LoggedRequest(time=time.time(), request_id=request_id, card=served.card, variant=served.variant,
-                         instances=request.instances if keep_instances else None, prediction=prediction, score=score,
+                         instances=instances if keep_instances else None, prediction=prediction, score=score,
                          reasons=outcome.reasons if has_fallback else None, matrix=batch.matrix)

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from monitoring.canary import Breach, CanaryComparison
 from monitoring.metrics import VigilMetrics
@@ -21,9 +21,10 @@ from monitoring.verdicts import DriftResult, PerformanceResult
 from service.core.card import ModelCard
 from service.core.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
 from service.core.settings import Settings
-from service.inputs import PredictRequest
+from service.core.predictor import Batch
+from service.inputs import InputQuality, InstanceValidator, PredictRequest
 from service.registry.store import Registry
-from service.serving.answer import Answerer, log_record, response_items
+from service.serving.answer import Answerer, Outcome, log_record, response_items
 from service.serving.deploy import (
     DeployConfig,
     DeployConfigError,
@@ -39,6 +40,9 @@ from service.serving.routing import ModelEntry, ServedVersion, state_of
 from service.serving.verdicts import apply_drift, apply_quality
 
 log = logging.getLogger("vigil.serving")
+
+Validate = Callable[[InstanceValidator], tuple[Batch, InputQuality, list[dict[str, Any]] | None]]
+"""Decoded inputs checked by a version's validator: its batch, input quality, and the instances to log (or None)."""
 
 
 class ModelServer:
@@ -244,25 +248,67 @@ class ModelServer:
             raise ModelNotReady(f"model '{name}' is not ready: {entry.error}")
         return entry, served
 
+    def pinned(self, name: str, version: str | None) -> tuple[ModelEntry, ServedVersion]:
+        """The entry and its served version ``version`` (stable or canary; the stable one when None).
+
+        404 when the model is unknown or does not serve that version, 503 when nothing can answer for it.
+        """
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"no model named '{name}'; registered: {', '.join(sorted(self.models)) or 'none'}")
+        if entry.stable is None:
+            raise ModelNotReady(f"model '{name}' is not ready: {entry.error}")
+        if version is None:
+            return entry, entry.stable
+        for served in (entry.stable, entry.canary):
+            if served is not None and served.card.version == version:
+                return entry, served
+        serving = ", ".join(f"{s.card.version} ({s.variant})" for s in (entry.stable, entry.canary) if s is not None)
+        raise ModelNotFound(f"model '{name}' does not serve version '{version}'; it serves {serving}")
+
     async def predict(self, request: PredictRequest, request_id: str) -> dict[str, Any]:
         """Validate, route, predict, check and record one request; returns the response body."""
         started = time.perf_counter()
         entry, served = self.route(request.model, request.key)
         batch, quality = served.validator.validate(request.instances)
+        outcome = await self._answer(started, entry, served, batch, quality, request.instances, request_id, True)
+        return {"request_id": request_id, "model": request.model, "predictions": response_items(served, outcome)}
+
+    async def infer(self, name: str, version: str | None, key: str | None, validate: Validate,
+                    request_id: str) -> tuple[ServedVersion, Outcome]:
+        """:meth:`predict` for inputs decoded already (the Open Inference Protocol's tensors).
+
+        ``validate`` turns them into the routed version's batch with its
+        validator (a numeric matrix goes through ``validate_matrix`` without
+        instance dicts) and returns the instances the prediction log needs to
+        hash PII, or None. Without ``version`` the call is routed like
+        :meth:`predict`; with it, it is pinned to that served version and kept
+        out of the canary comparison (its traffic is the client's choice, not a
+        random split).
+        """
+        started = time.perf_counter()
+        entry, served = self.route(name, key) if version is None else self.pinned(name, version)
+        batch, quality, instances = validate(served.validator)
+        return served, await self._answer(started, entry, served, batch, quality, instances, request_id,
+                                          version is None)
+
+    async def _answer(self, started: float, entry: ModelEntry, served: ServedVersion, batch: Batch,
+                      quality: InputQuality, instances: list[dict[str, Any]] | None, request_id: str,
+                      compare: bool) -> Outcome:
+        """What every prediction shares once validated: answer, log, record metrics and the canary comparison."""
         if served.metrics is not None and (quality.missing or quality.out_of_range):
             served.metrics.record_inputs(quality.missing, quality.out_of_range)
         outcome = await self.answerer.answer(entry, served, batch)
-        items = response_items(served, outcome)
         if self.predlog is not None and self.predlog.sampled(entry.policy.log_sample_rate):
-            self.predlog.append(log_record(served, request, request_id, batch, outcome))
+            self.predlog.append(log_record(served, instances, request_id, batch, outcome))
         seconds = time.perf_counter() - started
         if served.metrics is not None:
             served.metrics.record_request(seconds, outcome.call_seconds, outcome.call_size, outcome.answered)
-        if entry.comparison is not None and entry.canary_traffic > 0:
+        if compare and entry.comparison is not None and entry.canary_traffic > 0:
             entry.comparison.variant(served.variant).record(
                 seconds, batch.size, sum(r is not None for r in outcome.reasons), outcome.errored,
                 outcome.predictions.scores())
-        return {"request_id": request_id, "model": request.model, "predictions": items}
+        return outcome
 
     def feedback_targets(self) -> tuple[dict[str, ModelCard], dict[str, tuple[CanaryComparison, float]]]:
         """What ground truth is checked and counted against: each model's stable card, and each live
