@@ -85,7 +85,7 @@ class ControlLoop:
         self.server.loader.close_retired(time.monotonic())
 
     def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[int, int] | None],
-              read: Callable[..., Any], apply: Callable[[Any, Any], None], errors: type[Exception]) -> None:
+              read: Callable[..., Any], apply: Callable[[Any, Any], None]) -> None:
         """Apply each served version's verdict of one job when its ``latest.json`` changed (no restart needed)."""
         data_dir = Path(self.server.settings.data_dir)
         for served in self.server.served_versions():
@@ -98,7 +98,7 @@ class ControlLoop:
                 continue
             try:
                 result = read(data_dir, *key)
-            except errors as exc:
+            except VerdictError as exc:
                 log.error("ignoring %s verdict of %s:%s: %s", kind, key[0], key[1], exc)
                 continue
             if result is not None:
@@ -106,12 +106,11 @@ class ControlLoop:
 
     def check_drift(self) -> None:
         """Apply each served version's drift verdict when its ``latest.json`` changed."""
-        self._poll(DRIFT_DIR, self._drift_seen, read_latest_drift, self.server.apply_drift, VerdictError)
+        self._poll(DRIFT_DIR, self._drift_seen, read_latest_drift, self.server.apply_drift)
 
     def check_quality(self) -> None:
         """Apply each served version's quality verdict (``vigil performance run``) when its ``latest.json`` changed."""
-        self._poll(PERFORMANCE_DIR, self._quality_seen, read_latest_quality, self.server.apply_quality,
-                   VerdictError)
+        self._poll(PERFORMANCE_DIR, self._quality_seen, read_latest_quality, self.server.apply_quality)
 
     def reload(self, why: str) -> DeployConfigError | None:
         """Reload now; an invalid config is refused, counted, logged and returned, and the old routing keeps serving."""

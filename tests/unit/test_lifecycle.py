@@ -95,3 +95,20 @@ def test_a_worker_is_ready_only_between_start_and_stop(example_registry: Path, t
     finally:
         worker.stop()
     assert not worker.is_ready()
+
+
+def test_a_worker_whose_control_loop_died_is_not_ready(example_registry: Path, tmp_path: Path) -> None:
+    settings = Settings(registry=example_registry, data_dir=tmp_path / "var", deploy=tmp_path / "none.yaml",
+                        metrics_enabled=False, predlog_enabled=False, control_interval_seconds=0.05)
+    worker = Worker(settings)
+    worker.start()
+    try:
+        assert worker.is_ready()
+        worker.control.stop()  # the thread ends at its next wake-up, as it would after a fatal error
+        deadline = time.monotonic() + 30
+        while worker.is_ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not worker.is_ready()
+        assert worker.readiness()["ready"] is False
+    finally:
+        worker.stop()
