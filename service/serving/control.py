@@ -1,8 +1,9 @@
 """The worker's control loop: hot reload of deploy.yaml and the rollback state, drift and quality verdicts,
 canary checks.
 
-One daemon thread per worker polls the files (no inotify dependency, works on
-any shared volume) every ``interval`` seconds. A reload builds the new routing
+One daemon thread per worker polls every ``interval`` seconds: deploy.yaml on
+disk, and the rollback state and verdicts in the store (a stat locally, a HEAD
+on object storage; no inotify dependency, works on any shared volume). A reload builds the new routing
 off the request path and swaps it in one assignment, so requests in flight
 finish on the old routing and none fails during the switch.
 """
@@ -16,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from monitoring.jobs.drift import DRIFT_DIR, LATEST_FILE, DriftError, read_latest
+from monitoring.jobs.drift import DRIFT_DIR, DriftError, read_latest
+from monitoring.jobs.files import latest_key
 from monitoring.jobs.quality import PERFORMANCE_DIR, PerformanceError, read_latest_performance
-from service.serving.deploy import DeployConfigError, state_path
+from service.serving.deploy import STATE_KEY, DeployConfigError
 from service.serving.server import ModelServer
 
 log = logging.getLogger("vigil.control")
@@ -39,10 +41,10 @@ class ControlLoop:
         self.server = server
         self.interval = interval
         self._deploy_path = Path(server.settings.deploy)
-        self._state_path = state_path(server.settings.data_dir)
-        self._seen = (_stamp(self._deploy_path), _stamp(self._state_path))
-        self._drift_seen: dict[tuple[str, str], tuple[int, int] | None] = {}
-        self._quality_seen: dict[tuple[str, str], tuple[int, int] | None] = {}
+        self._store = server.store
+        self._seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
+        self._drift_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
+        self._quality_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -69,7 +71,7 @@ class ControlLoop:
 
     def tick(self) -> None:
         """One round: reload when a watched file changed, take new drift verdicts, check the canaries."""
-        seen = (_stamp(self._deploy_path), _stamp(self._state_path))
+        seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
         if seen != self._seen:
             self._seen = seen
             self.reload("file change")
@@ -78,20 +80,19 @@ class ControlLoop:
         self.server.check_canaries()
         self.server.loader.close_retired(time.monotonic())
 
-    def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[int, int] | None],
+    def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[Any, ...] | None],
               read: Callable[..., Any], apply: Callable[[Any, Any], None], errors: type[Exception]) -> None:
         """Apply each served version's verdict of one job when its ``latest.json`` changed (no restart needed)."""
-        data_dir = Path(self.server.settings.data_dir)
         for served in self.server.served_versions():
             key = (served.card.name, served.card.version)
-            stamp = _stamp(data_dir / kind / key[0] / key[1] / LATEST_FILE)
+            stamp = self._store.stamp(latest_key(kind, *key))
             if stamp == seen.get(key):
                 continue
             seen[key] = stamp
             if stamp is None:
                 continue
             try:
-                result = read(data_dir, *key)
+                result = read(self._store, *key)
             except errors as exc:
                 log.error("ignoring %s verdict of %s:%s: %s", kind, key[0], key[1], exc)
                 continue
