@@ -31,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +363,32 @@ class WorkerDirectory:
                 while len(self._known) > self._cache:
                     self._known.popitem(last=False)
         return fresh or record
+
+
+def prune_feedback(store: Store | Path, older_than_days: int = 30, now: datetime | None = None) -> list[str]:
+    """Forget what only served requests older than ``older_than_days`` need; returns what was removed.
+
+    Claim records of those requests (their predictions are pruned with the log, so feedback for them is
+    refused anyway), and the records of workers silent since then (their ids are that old too). The
+    feedback rows themselves stay: the quality job reads them.
+    """
+    store = as_store(store)
+    now = now or datetime.now(timezone.utc)
+    cutoff = now.date() - timedelta(days=older_than_days)
+    removed: list[str] = []
+    for model_dir in store.children(CLAIMS_DIR):
+        for day_dir in store.children(f"{CLAIMS_DIR}/{model_dir}"):
+            try:
+                day = date.fromisoformat(day_dir.removeprefix("date="))
+            except ValueError:
+                continue
+            if day < cutoff:
+                store.delete_tree(f"{CLAIMS_DIR}/{model_dir}/{day_dir}")
+                removed.append(f"{CLAIMS_DIR}/{model_dir}/{day_dir}")
+    directory = WorkerDirectory(store)
+    for name in store.children(WORKERS_DIR):
+        record = directory.read(name.removesuffix(".json"))
+        if record is not None and record.heartbeat < now.timestamp() - older_than_days * 86400:
+            store.delete([WorkerDirectory.key(record.token)])
+            removed.append(WorkerDirectory.key(record.token))
+    return removed

@@ -87,6 +87,14 @@ class UnknownRequest(VigilError):
     code = "unknown_request_id"
 
 
+class StoreUnavailable(VigilError):
+    """The store could not be reached: nothing of the body was accepted, and the client should send it again."""
+
+    status_code = 503
+    code = "store_unavailable"
+    headers = {"Retry-After": "1"}
+
+
 class FeedbackItem(BaseModel):
     """Ground truth for one instance of a served request."""
 
@@ -175,10 +183,19 @@ class FeedbackService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def register(self) -> None:
-        """Record this worker's token in the store: from now on its request ids are known to every replica."""
+    def register(self) -> bool:
+        """Record this worker's token in the store: from now on its request ids are known to every replica.
+
+        Returns False when the store cannot be reached: the settling thread tries again (meanwhile other
+        replicas refuse feedback for this worker's requests, and the worker itself keeps serving).
+        """
         if self.record is None:
-            self.record = self.workers.register(self.token, self.label)
+            try:
+                self.record = self.workers.register(self.token, self.label)
+            except Exception as exc:  # noqa: BLE001 - the store may be away at start; serving must not wait for it
+                log.error("cannot register worker %s in the store %s (retrying): %s", self.token, self.store.url, exc)
+                return False
+        return True
 
     def start(self) -> None:
         """Register (when not yet done) and start settling pending feedback in a daemon thread."""
@@ -205,6 +222,8 @@ class FeedbackService:
         last_beat = last_adopt = time.monotonic()
         while not self._stop.wait(SETTLE_SECONDS):
             try:
+                if not self.register():
+                    continue
                 self.settle()
                 now = time.monotonic()
                 if now - last_beat >= HEARTBEAT_SECONDS:
@@ -238,8 +257,20 @@ class FeedbackService:
         """Validate, store, claim and count; returns what was accepted, what was a duplicate, what waits.
 
         ``comparisons``: model -> (live canary comparison, its regression tolerance), fed with the
-        ground truth of both variants' answers.
+        ground truth of both variants' answers. When the store cannot be reached the body is refused with
+        503 (:class:`StoreUnavailable`): a 2xx always means it is stored.
         """
+        try:
+            return self._accept(request, cards, comparisons)
+        except VigilError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store's errors differ by backend (OSError, botocore, aiohttp)
+            log.error("feedback refused, the store %s is unavailable: %s", self.store.url, exc)
+            raise StoreUnavailable(f"the store is unavailable ({type(exc).__name__}); nothing was stored, "
+                                   "send the feedback again") from None
+
+    def _accept(self, request: FeedbackRequest, cards: dict[str, ModelCard],
+                comparisons: dict[str, tuple[CanaryComparison, float]] | None) -> dict[str, Any]:
         card = cards.get(request.model)
         if card is None:
             raise ModelNotFound(f"no model named '{request.model}'")

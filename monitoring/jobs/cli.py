@@ -200,9 +200,11 @@ def summary(result: DriftResult) -> str:
 
 
 def _prune(data_dir: Store, days: int) -> None:
+    from monitoring.feedback import prune_feedback
     from monitoring.predlog import prune
 
     removed = prune(data_dir, older_than_days=days)
+    prune_feedback(data_dir, older_than_days=days)
     if removed:
         typer.echo(f"pruned {len(removed)} prediction log partition(s) older than {days} days", err=True)
 
@@ -268,9 +270,11 @@ def prune_command(
     data_dir: Optional[Path] = DataDirOption,
     store: Optional[str] = StoreOption,
 ) -> None:
-    """Delete prediction log partitions older than the retention period."""
+    """Delete prediction log partitions older than the retention period (and the feedback claims of their requests)."""
+    from monitoring.feedback import prune_feedback
     from monitoring.predlog import prune
 
     root = job_store(data_dir, store)
     removed = prune(root, older_than_days=older_than_days)
+    prune_feedback(root, older_than_days=older_than_days)
     typer.echo(f"removed {len(removed)} prediction log partition(s) older than {older_than_days} days from {root.url}")

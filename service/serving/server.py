@@ -168,7 +168,7 @@ class ModelServer:
                                 at=datetime.now(timezone.utc), by=by)  # type: ignore[arg-type]
         try:
             self.state = record_rollback(self.store, name, record)
-        except OSError as exc:  # the rollback still happens in this worker; say why it may not survive a restart
+        except Exception as exc:  # noqa: BLE001 - store away or state unreadable: the rollback still happens here
             log.error("could not persist the rollback of %s:%s: %s", name, version, exc)
             self.state.rollbacks[name] = record
         self.models = {**self.models, name: dataclasses.replace(entry, canary_traffic=0.0)}

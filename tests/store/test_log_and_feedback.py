@@ -208,3 +208,37 @@ def test_a_stopped_worker_leaves_its_pending_feedback_at_once(store: Store) -> N
     assert len(other.feedback.adopt()) == 1
     server.log.flush()
     assert other.feedback.settle() == 2 and counted(other) == 2
+
+
+def test_without_the_store_feedback_is_refused_with_503_and_nothing_is_counted(store: Store,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.feedback import StoreUnavailable
+
+    replica = Replica(store)
+    rid, _ = replica.serve(1)
+
+    def unreachable(*args: Any, **kwargs: Any) -> bool:
+        raise ConnectionError("the store is down")
+
+    monkeypatch.setattr(store, "put", unreachable)
+    with pytest.raises(StoreUnavailable) as refused:
+        replica.send(rid, [1])
+    assert refused.value.status_code == 503 and refused.value.headers["Retry-After"] == "1"
+    monkeypatch.undo()
+    assert replica.send(rid, [1])["accepted"] == 1  # sent again once the store is back: accepted, once
+
+
+def test_prune_forgets_old_claims_and_silent_workers_but_keeps_feedback(store: Store) -> None:
+    from datetime import timedelta
+
+    from monitoring.feedback import WORKERS_DIR, prune_feedback
+
+    replica = Replica(store)
+    rid, _ = replica.serve(1)
+    replica.log.flush()
+    replica.send(rid, [1])
+    assert prune_feedback(store, older_than_days=30) == []
+    later = datetime.now(timezone.utc) + timedelta(days=40)
+    removed = prune_feedback(store, older_than_days=30, now=later)
+    assert any(key.startswith(CLAIMS_DIR) for key in removed) and store.list(f"{CLAIMS_DIR}/") == []
+    assert store.list(f"{WORKERS_DIR}/") == [] and len(read_feedback(store, CARD.name)) == 1
