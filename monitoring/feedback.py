@@ -268,9 +268,13 @@ def pending_key(token: str, batch: str) -> str:
 
 def write_pending(store: Store, token: str, batch: str, model: str, task: str,
                   items: list[tuple[str, int, Any]]) -> PendingBatch:
-    """Store a body's waiting instances under the accepting worker's token (synced before the answer)."""
+    """Store a body's waiting instances under the accepting worker's token (before the answer).
+
+    Not synced to disk: it outlives a crash of the worker, and only a power cut, which also takes the
+    live counts it feeds, could lose it (the actuals themselves are in the synced feedback file).
+    """
     pending = PendingBatch(pending_key(token, batch), batch, model, task, [list(i) for i in items])  # type: ignore[misc]
-    store.put(pending.key, pending.dump(), durable=True)
+    store.put(pending.key, pending.dump())
     return pending
 
 
@@ -341,7 +345,7 @@ class WorkerDirectory:
         return record
 
     def write(self, record: WorkerRecord) -> None:
-        self.store.put(self.key(record.token), json.dumps(record.__dict__).encode(), durable=True)
+        self.store.put(self.key(record.token), json.dumps(record.__dict__).encode())
 
     def read(self, token: str) -> WorkerRecord | None:
         """The stored record of ``token`` now (no cache)."""

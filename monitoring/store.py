@@ -91,11 +91,12 @@ class Store(ABC):
         self.delete(self.list(prefix.rstrip("/") + "/"))
 
     @abstractmethod
-    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None], durable: bool = False) -> bytes | None:
         """Replace the value of ``key`` by ``change(current)`` atomically (None from ``change``: leave it).
 
         ``change`` may be called more than once, with the newest value each
         time, when another writer got in first. Returns the value that stands.
+        ``durable`` as for :meth:`put`.
         """
 
     def read_table(self, key: str, columns: list[str] | None = None, filters: Any = None) -> Any:
@@ -205,7 +206,7 @@ class LocalStore(Store):
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix.strip("/")), ignore_errors=True)
 
-    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None], durable: bool = False) -> bytes | None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # One lock file per directory: flock is atomic across processes and, on NFSv4, across hosts.
@@ -216,7 +217,7 @@ class LocalStore(Store):
                 new = change(current)
                 if new is None or new == current:
                     return current
-                self.put(key, new, durable=True)
+                self.put(key, new, durable=durable)
                 return new
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
@@ -291,7 +292,7 @@ class S3Store(Store):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm([self._path(key) for key in keys])
 
-    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None], durable: bool = False) -> bytes | None:
         from fsspec.asyn import sync
 
         bucket, object_key, _ = self.fs.split_path(self._path(key))

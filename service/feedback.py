@@ -443,7 +443,7 @@ class FeedbackService:
             return 0
         if waiting:
             batch.items = waiting
-            self.store.put(batch.key, batch.dump(), durable=True)
+            self.store.put(batch.key, batch.dump())
             with self._lock:
                 if batch.key in self._pending:
                     self._pending_items -= len(self._pending[batch.key].items) - len(waiting)
