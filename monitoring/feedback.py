@@ -92,11 +92,23 @@ class PredictionLookup:
         self._cached_rows = 0
         self._lock = threading.Lock()
 
-    def find(self, model: str, request_id: str) -> dict[int, LoggedPrediction] | None:
-        """The logged predictions of one request by instance index, or None when no segment holds it (yet)."""
+    def find(self, model: str, request_id: str,
+             listings: dict[str, list[str]] | None = None) -> dict[int, LoggedPrediction] | None:
+        """The logged predictions of one request by instance index, or None when no segment holds it (yet).
+
+        ``listings`` keeps the listings this call makes for the next calls that pass it (one round over
+        many pending instances of the same second lists each prefix once).
+        """
         import pyarrow.compute as pc
 
-        for key in candidate_segments(self.store, model, request_id, self.window_seconds):
+        def list_keys(prefix: str) -> list[str]:
+            if listings is None:
+                return self.store.list(prefix)
+            if prefix not in listings:
+                listings[prefix] = self.store.list(prefix)
+            return listings[prefix]
+
+        for key in candidate_segments(self.store, model, request_id, self.window_seconds, list_keys):
             table = self._segment(key)
             if table is None:
                 continue

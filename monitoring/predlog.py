@@ -38,6 +38,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -386,14 +387,16 @@ def segment_files(data_dir: Path, model: str, since: datetime | None = None,
     return [path for key in segment_keys(store, model, since, until) if (path := store.local_path(key)) is not None]
 
 
-def candidate_segments(store: Store, model: str, request_id: str, window_seconds: float) -> list[str]:
+def candidate_segments(store: Store, model: str, request_id: str, window_seconds: float,
+                       list_keys: Callable[[str], list[str]] | None = None) -> list[str]:
     """The segments that can hold the rows of ``request_id``, oldest first; empty when it is not a Vigil id.
 
     A row is logged by the worker whose token starts the id, at most
     ``window_seconds`` after the serving time the id carries, in the segment of
     its hour whose newest row is at most ``window_seconds`` after that time. So
     this lists one or two hours' keys of one time prefix (a filter the S3
-    server applies) and keeps that worker's: the cost does not grow with the log.
+    server applies) and keeps that worker's: the cost does not grow with the log. ``list_keys``
+    lists a prefix instead of ``store.list`` (a caller's short-lived cache of listings).
     """
     parsed = parse_request_id(request_id)
     if parsed is None:
@@ -406,7 +409,7 @@ def candidate_segments(store: Store, model: str, request_id: str, window_seconds
     while hour.timestamp() * 1000 <= high:
         directory = f"{LOG_DIR}/model={model}/date={hour.date().isoformat()}/hour={hour.hour:02d}"
         for prefix in _common_prefixes(str(low), str(high)):
-            for key in store.list(f"{directory}/part-{prefix}"):
+            for key in (list_keys or store.list)(f"{directory}/part-{prefix}"):
                 parts = segment_parts(key)
                 if parts is not None and parts[1] == parsed.token and low <= parts[0] <= high:
                     found.append((parts[0], key))

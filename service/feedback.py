@@ -392,15 +392,16 @@ class FeedbackService:
                 keys = sorted(set(keys) | set(pending_batches(self.store, self.token)))
             keys += sorted(self._adopted - set(keys))
             settled = 0
+            listings: dict[str, list[str]] = {}  # one listing per prefix for the whole round
             for key in keys:
                 batch = batches.get(key) or read_pending(self.store, key)
                 if batch is None:
                     self._forget(key)
                     continue
-                settled += self._settle_batch(batch, now)
+                settled += self._settle_batch(batch, now, listings)
             return settled
 
-    def _settle_batch(self, batch: PendingBatch, now: float) -> int:
+    def _settle_batch(self, batch: PendingBatch, now: float, listings: dict[str, list[str]]) -> int:
         found: dict[str, dict[int, LoggedPrediction] | None] = {}
         matched: dict[str, list[tuple[int, Any, LoggedPrediction]]] = {}
         expired: dict[str, list[int]] = {}
@@ -410,7 +411,7 @@ class FeedbackService:
             if parsed is None:  # not written by accept(); nothing to wait for
                 continue
             if rid not in found:
-                found[rid] = self.lookup.find(batch.model, rid)
+                found[rid] = self.lookup.find(batch.model, rid, listings)
             logged = found[rid]
             if logged is not None and index in logged:
                 matched.setdefault(rid, []).append((index, actual, logged[index]))
