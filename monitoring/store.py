@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.core.settings import Settings
 
+CHANGES_KEY = "changes.json"
+"""Rewritten by every writer of state that workers poll (verdicts, rollbacks): one key to poll on object storage."""
 UPDATE_ATTEMPTS = 50
 """Compare-and-swap attempts of :meth:`Store.update` before it gives up (each loses only to another writer)."""
 
@@ -56,6 +60,8 @@ class Store(ABC):
 
     url: str
     """Where the store is, for messages: a directory or ``s3://bucket/prefix``."""
+    cheap_stamps = False
+    """Whether :meth:`stamp` costs next to nothing (a stat), so pollers may stamp every key they watch."""
 
     @abstractmethod
     def put(self, key: str, data: bytes, exclusive: bool = False, durable: bool = False) -> bool:
@@ -123,9 +129,19 @@ class Store(ABC):
         """Where ``key`` is, for a person or another tool."""
         return f"{self.url.rstrip('/')}/{key}"
 
+    def note_change(self) -> None:
+        """Tell the workers polling this store that something they watch changed (:data:`CHANGES_KEY`).
+
+        Each stamp of object storage is a request (~1 ms of a worker's CPU in botocore); polling one key
+        instead of every verdict and the rollback state keeps an idle worker's cost of S3 near a local disk's.
+        """
+        self.put(CHANGES_KEY, json.dumps({"at": time.time(), "by": secrets.token_hex(4)}).encode())
+
 
 class LocalStore(Store):
     """A directory: the embedded default (``VIGIL_DATA_DIR``), or a shared volume mounted by every replica."""
+
+    cheap_stamps = True
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)

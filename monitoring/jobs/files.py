@@ -108,6 +108,7 @@ class RunOutput:
         text = result.model_dump_json(indent=2)
         self.write(name, text.encode())
         self.store.put(self.latest, text.encode())
+        self.store.note_change()
         return text
 
     def urls(self, **names: str) -> dict[str, str]:

@@ -2,8 +2,11 @@
 canary checks.
 
 One daemon thread per worker polls every ``interval`` seconds: deploy.yaml on
-disk, and the rollback state and verdicts in the store (a stat locally, a HEAD
-on object storage; no inotify dependency, works on any shared volume). A reload builds the new routing
+disk, and the rollback state and verdicts in the store (no inotify dependency,
+works on any shared volume). On a local store it stats each of them; on object
+storage, where each stamp is a request, it stamps the store's change marker
+(:data:`monitoring.store.CHANGES_KEY`, rewritten by every writer of them) and
+looks at them all only when it changed, or every :data:`FULL_POLL_SECONDS`. A reload builds the new routing
 off the request path and swaps it in one assignment, so requests in flight
 finish on the old routing and none fails during the switch.
 """
@@ -20,10 +23,15 @@ from typing import Any
 from monitoring.jobs.drift import DRIFT_DIR, DriftError, read_latest
 from monitoring.jobs.files import latest_key
 from monitoring.jobs.quality import PERFORMANCE_DIR, PerformanceError, read_latest_performance
+from monitoring.store import CHANGES_KEY
 from service.serving.deploy import STATE_KEY, DeployConfigError
 from service.serving.server import ModelServer
 
 log = logging.getLogger("vigil.control")
+
+FULL_POLL_SECONDS = 30.0
+"""On object storage, how often every watched key is stamped even when the change marker did not move
+(a writer that died between its write and the marker)."""
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -43,6 +51,8 @@ class ControlLoop:
         self._deploy_path = Path(server.settings.deploy)
         self._store = server.store
         self._seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
+        self._changes: tuple[Any, ...] | None = None
+        self._full_poll = 0.0
         self._drift_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         self._quality_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         self._stop = threading.Event()
@@ -71,14 +81,28 @@ class ControlLoop:
 
     def tick(self) -> None:
         """One round: reload when a watched file changed, take new drift verdicts, check the canaries."""
-        seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
+        if self._store_may_have_changed():
+            seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
+            self.check_drift()
+            self.check_quality()
+        else:
+            seen = (_stamp(self._deploy_path), self._seen[1])
         if seen != self._seen:
             self._seen = seen
             self.reload("file change")
-        self.check_drift()
-        self.check_quality()
         self.server.check_canaries()
         self.server.loader.close_retired(time.monotonic())
+
+    def _store_may_have_changed(self) -> bool:
+        """Whether the watched keys of the store need stamping this round (always, on a local store)."""
+        if self._store.cheap_stamps:
+            return True
+        now = time.monotonic()
+        changes = self._store.stamp(CHANGES_KEY)
+        if changes != self._changes or now - self._full_poll >= FULL_POLL_SECONDS:
+            self._changes, self._full_poll = changes, now
+            return True
+        return False
 
     def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[Any, ...] | None],
               read: Callable[..., Any], apply: Callable[[Any, Any], None], errors: type[Exception]) -> None:

@@ -238,7 +238,8 @@ def _change_state(store: Store | Path, change: Callable[[DeployState], bool]) ->
         result[:] = [state]
         return state.model_dump_json(indent=2).encode() if change(state) else None
 
-    store.update(STATE_KEY, apply, durable=True)
+    if store.update(STATE_KEY, apply, durable=True) is not None:
+        store.note_change()
     return result[0]
 
 
