@@ -46,8 +46,9 @@ def fleet_registry(example_registry: Path, trained_examples: dict[str, Path],
     """The example models, plus cancer:2 (the same classifier) to run as a canary."""
     root = tmp_path_factory.mktemp("fleet") / "models"
     shutil.copytree(example_registry, root)
-    register_model("cancer", trained_examples["cancer"] / "model.onnx", trained_examples["cancer"] / "reference.parquet",
-                   target="target", registry=root, version="2")
+    trained = trained_examples["cancer"]
+    register_model("cancer", trained / "model.onnx", trained / "reference.parquet", target="target", registry=root,
+                   version="2")
     return root
 
 

@@ -115,3 +115,16 @@ def test_regression_feedback_observes_errors(server: VigilServer, example_regist
     error = feedback(server, {"model": "diabetes", "request_id": served["request_id"], "actuals": ["x"] * 5},
                      expect=422)["error"]
     assert "number" in error["details"][0]["problem"]
+
+
+def test_the_local_default_keeps_everything_under_the_data_dir(server: VigilServer, example_registry: Path) -> None:
+    """Without VIGIL_STORE the store is VIGIL_DATA_DIR, as on one machine: log, feedback, workers."""
+    frame = reference(example_registry, "cancer").head(1)
+    served = serve(server, "cancer", features(frame))
+    assert feedback(server, {"model": "cancer", "request_id": served["request_id"],
+                             "actuals": frame["target"].tolist()})["accepted"] == 1
+    var = server.home / "var"
+    wait_for(lambda: any(served["request_id"][:12] in p.name
+                         for p in var.glob("predlog/model=cancer/date=*/hour=*/part-*.parquet")), timeout=30)
+    assert list(var.glob("feedback/model=cancer/date=*/fb-*.parquet"))
+    assert len(list(var.glob("workers/*.json"))) == 2  # one per worker process, each with its own token

@@ -109,7 +109,8 @@ def test_feedback_right_after_the_response_is_accepted_and_counted_once_its_row_
     server.log.flush()
     assert other.feedback.settle() == 4
     assert other.value("vigil_feedback_total", version=CARD.version) == 4
-    assert other.value("vigil_feedback_correct_total", version=CARD.version, variant="stable") == 2  # 0,1,0,1 vs 0,0,1,1
+    # predicted 0,1,0,1 against actuals 0,0,1,1: two right
+    assert other.value("vigil_feedback_correct_total", version=CARD.version, variant="stable") == 2
     assert other.feedback.settle() == 0 and other.feedback.pending_count() == 0
     assert store.list("feedback/pending/") == []
     # Sent again, to either replica: a duplicate, known at once, never counted again.
@@ -210,8 +211,8 @@ def test_a_stopped_worker_leaves_its_pending_feedback_at_once(store: Store) -> N
     assert other.feedback.settle() == 2 and counted(other) == 2
 
 
-def test_without_the_store_feedback_is_refused_with_503_and_nothing_is_counted(store: Store,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_store_feedback_is_refused_with_503_and_nothing_is_counted(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     from service.feedback import StoreUnavailable
 
     replica = Replica(store)
