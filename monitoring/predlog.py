@@ -1,26 +1,32 @@
-"""The prediction log: every answered instance, on disk as Parquet, written off the request path.
+"""The prediction log: every answered instance, kept in the store as Parquet, written off the request path.
 
 Writing: :meth:`PredictionLog.append` puts one small record per request in a
 bounded in-memory buffer (no I/O, no lock held for long, never blocks); a
 daemon thread flushes the buffer at least every ``flush_interval`` seconds.
 When the buffer is full, new rows are dropped and counted.
 
-On disk (``<data_dir>/predlog/``), Hive-partitioned so pandas, DuckDB or Spark
+In the store (:mod:`monitoring.store`: ``<data_dir>/predlog/`` by default, or
+``s3://bucket/prefix/predlog/``), Hive-partitioned so pandas, DuckDB or Spark
 read it without Vigil::
 
-    predlog/model=<name>/date=<YYYY-MM-DD>/part-<unix_ms>-w<worker>-<pid>-<seq>.parquet
+    predlog/model=<name>/date=<YYYY-MM-DD>/hour=<HH>/part-<ms>-w<worker>-<pid>-<token>-<seq>.parquet
 
-Each flush writes complete segment files under a temporary name and renames
-them into place, so a ``kill -9`` loses at most the rows of the last flush
-interval and never leaves a half-written file where readers look. Worker id,
-pid and sequence number in the name keep several workers from clashing.
+Each flush writes complete segments, each under a key that is new (an
+exclusive write: a taken key is never replaced), so a ``kill -9`` loses at
+most the rows of the last flush interval and readers never see part of a
+segment. ``<ms>`` is the time of the segment's newest row (Unix
+milliseconds) and ``<token>`` the writing process's random token, the same
+one its request ids start with (:mod:`service.core.requestid`): two hosts'
+processes with the same worker number and pid still write different keys,
+and the feedback join finds a request's row among a few segments of one hour
+and one token (:func:`candidate_segments`) instead of reading the log.
 
 Columns: ``time`` (UTC), ``request_id``, ``index`` (instance position in its
 request), ``version``, ``variant``, ``reason`` (why the fallback answered, or
 null), ``prediction`` (label or value), ``prediction_score`` (positive-class
 score of a binary classifier, else the top probability), then one column per
-feature (PII features dropped or hashed as the card says). ``model`` and
-``date`` come from the partition path.
+feature (PII features dropped or hashed as the card says). ``model``,
+``date`` and ``hour`` come from the partition path.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -39,7 +46,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from service.core.files import atomic_write
+from monitoring.store import Store, as_store
+from service.core.requestid import new_token, parse_request_id
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,16 +112,20 @@ class PredictionLog:
 
     def __init__(
         self,
-        data_dir: Path,
+        store: Store | Path,
         worker: str,
         metrics: VigilMetrics | None = None,
         flush_interval: float = 1.0,
         max_buffer_rows: int = 100_000,
         pii_salt: str | None = None,
         sample_rate: float = 1.0,
+        token: str | None = None,
     ) -> None:
-        self.root = Path(data_dir) / LOG_DIR
+        self.store = as_store(store)
         self.worker = worker
+        self.token = token or new_token()
+        """This process's token: in every segment key (and in the worker's request ids)."""
+        self.pid = os.getpid()
         self.metrics = metrics
         self.flush_interval = flush_interval
         self.max_buffer_rows = max_buffer_rows
@@ -218,17 +230,21 @@ class PredictionLog:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        by_day: dict[date, list[LoggedRequest]] = {}
+        by_hour: dict[datetime, list[LoggedRequest]] = {}
         for record in records:
-            day = datetime.fromtimestamp(record.time, timezone.utc).date()
-            by_day.setdefault(day, []).append(record)
-        for day, day_records in by_day.items():
-            table = pa.Table.from_pydict(self._columns(day_records))
-            directory = self.root / f"model={model}" / f"date={day.isoformat()}"
-            directory.mkdir(parents=True, exist_ok=True)
-            self._seq += 1
-            name = f"part-{int(time.time() * 1000)}-w{self.worker}-{os.getpid()}-{self._seq:06d}.parquet"
-            atomic_write(directory / name, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+            hour = datetime.fromtimestamp(record.time, timezone.utc).replace(minute=0, second=0, microsecond=0)
+            by_hour.setdefault(hour, []).append(record)
+        for hour, hour_records in by_hour.items():
+            table = pa.Table.from_pydict(self._columns(hour_records))
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            data = sink.getvalue().to_pybytes()
+            newest = int(max(r.time for r in hour_records) * 1000)
+            while True:
+                self._seq += 1
+                key = segment_key(model, hour, newest, self.worker, self.pid, self.token, self._seq)
+                if self.store.put(key, data, exclusive=True):
+                    break
 
     def _columns(self, records: list[LoggedRequest]) -> dict[str, Any]:
         import pyarrow as pa
@@ -311,52 +327,137 @@ def _warm_up_arrow() -> None:
     pq.write_table(table, pa.BufferOutputStream(), compression="zstd")
 
 
-# ---------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------- keys
+
+
+def segment_key(model: str, hour: datetime, newest_ms: int, worker: str, pid: int, token: str, seq: int) -> str:
+    """The key of a segment: its model, the UTC hour of its rows, its newest row's time and who wrote it."""
+    return (f"{LOG_DIR}/model={model}/date={hour.date().isoformat()}/hour={hour.hour:02d}/"
+            f"part-{newest_ms}-w{worker}-{pid}-{token}-{seq:06d}.parquet")
+
+
+def segment_parts(key: str) -> tuple[int, str] | None:
+    """(newest row's Unix milliseconds, writer's token) of a segment key; None for other names."""
+    parts = key.rpartition("/")[2].removesuffix(".parquet").split("-")
+    if len(parts) != 6 or parts[0] != "part" or not parts[1].isdigit():
+        return None
+    return int(parts[1]), parts[4]
+
+
+def _partitions(store: Store, base: str, name: str, first: Any, last: Any,
+                parse: Any) -> list[tuple[Any, str]]:
+    """Sub-directories ``<name>=<value>`` of ``base`` whose value is within [first, last] (None: open)."""
+    found = []
+    for child in store.children(base):
+        if not child.startswith(f"{name}="):
+            continue
+        try:
+            value = parse(child.removeprefix(f"{name}="))
+        except ValueError:
+            continue
+        if (first is None or value >= first) and (last is None or value <= last):
+            found.append((value, f"{base}/{child}"))
+    return sorted(found)
+
+
+def segment_keys(store: Store | Path, model: str, since: datetime | None = None,
+                 until: datetime | None = None) -> list[str]:
+    """Keys of a model's complete segments whose date and hour partitions overlap [since, until], every writer's."""
+    store = as_store(store)
+    start = since.astimezone(timezone.utc) if since is not None else None
+    end = until.astimezone(timezone.utc) if until is not None else None
+    keys: list[str] = []
+    for day, day_prefix in _partitions(store, f"{LOG_DIR}/model={model}", "date", start and start.date(),
+                                       end and end.date(), date.fromisoformat):
+        first_hour = start.hour if start is not None and day == start.date() else None
+        last_hour = end.hour if end is not None and day == end.date() else None
+        hours = _partitions(store, day_prefix, "hour", first_hour, last_hour, int)
+        for _, hour_prefix in hours:
+            keys.extend(k for k in store.list(f"{hour_prefix}/") if k.endswith(".parquet"))
+        # Segments written before hour partitions sit directly in the day's directory.
+        keys.extend(f"{day_prefix}/{name}" for name in store.children(day_prefix)
+                    if name.endswith(".parquet") and not name.startswith("hour="))
+    return keys
 
 
 def segment_files(data_dir: Path, model: str, since: datetime | None = None,
                   until: datetime | None = None) -> list[Path]:
-    """Complete segment files of a model whose date partition overlaps [since, until]."""
-    base = Path(data_dir) / LOG_DIR / f"model={model}"
-    if not base.is_dir():
+    """:func:`segment_keys` of a local store, as file paths."""
+    store = as_store(data_dir)
+    return [path for key in segment_keys(store, model, since, until) if (path := store.local_path(key)) is not None]
+
+
+def candidate_segments(store: Store, model: str, request_id: str, window_seconds: float,
+                       list_keys: Callable[[str], list[str]] | None = None) -> list[str]:
+    """The segments that can hold the rows of ``request_id``, oldest first; empty when it is not a Vigil id.
+
+    A row is logged by the worker whose token starts the id, at most
+    ``window_seconds`` after the serving time the id carries, in the segment of
+    its hour whose newest row is at most ``window_seconds`` after that time. So
+    this lists one or two hours' keys of one time prefix (a filter the S3
+    server applies) and keeps that worker's: the cost does not grow with the log. ``list_keys``
+    lists a prefix instead of ``store.list`` (a caller's short-lived cache of listings).
+    """
+    parsed = parse_request_id(request_id)
+    if parsed is None:
         return []
-    files = []
-    for day_dir in sorted(base.glob("date=*")):
-        try:
-            day = date.fromisoformat(day_dir.name.removeprefix("date="))
-        except ValueError:
-            continue
-        if since is not None and day < since.astimezone(timezone.utc).date():
-            continue
-        if until is not None and day > until.astimezone(timezone.utc).date():
-            continue
-        files.extend(sorted(p for p in day_dir.glob("*.parquet") if not p.name.startswith(".")))
-    return files
+    low = parsed.millis
+    high = low + int(window_seconds * 1000)
+    first = datetime.fromtimestamp(low / 1000, timezone.utc).replace(minute=0, second=0, microsecond=0)
+    found = []
+    hour = first
+    while hour.timestamp() * 1000 <= high:
+        directory = f"{LOG_DIR}/model={model}/date={hour.date().isoformat()}/hour={hour.hour:02d}"
+        for prefix in _common_prefixes(str(low), str(high)):
+            for key in (list_keys or store.list)(f"{directory}/part-{prefix}"):
+                parts = segment_parts(key)
+                if parts is not None and parts[1] == parsed.token and low <= parts[0] <= high:
+                    found.append((parts[0], key))
+        hour += timedelta(hours=1)
+    return [key for _, key in sorted(found)]
+
+
+def _common_prefixes(low: str, high: str) -> list[str]:
+    """One or two name prefixes that together cover every number from ``low`` to ``high`` (decimal, same length).
+
+    Blocks of the smallest power of ten at least as wide as the range: each
+    prefix lists at most that many milliseconds of segments.
+    """
+    if len(low) != len(high):
+        return [""]
+    digits = len(str(max(int(high) - int(low), 1)))
+    if digits >= len(low):
+        return [""]
+    block = 10 ** digits
+    return [str(head) for head in range(int(low) // block, int(high) // block + 1)]
+
+
+# ---------------------------------------------------------------------- reading
 
 
 def read_log(
-    data_dir: Path,
+    store: Store | Path,
     model: str,
     version: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     columns: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Logged rows of one model (optionally one version) with ``since <= time < until``.
+    """Logged rows of one model (optionally one version) with ``since <= time < until``, every writer's.
 
     Unreadable segments (which the writer never leaves, but a disk can) are
     skipped with a warning rather than failing the whole read.
     """
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    store = as_store(store)
     tables = []
-    for path in segment_files(data_dir, model, since, until):
+    for key in segment_keys(store, model, since, until):
         try:
-            tables.append(pq.read_table(path, columns=list(columns) if columns else None))
+            tables.append(store.read_table(key, columns=list(columns) if columns else None))
         except (OSError, pa.ArrowException) as exc:
-            log.warning("skipping unreadable prediction log segment %s: %s", path, exc)
+            log.warning("skipping unreadable prediction log segment %s: %s", key, exc)
     if not tables:
         return pd.DataFrame(columns=list(columns) if columns else ["time", "request_id", "index", "version"])
     frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
@@ -370,18 +471,16 @@ def read_log(
     return frame.loc[mask].reset_index(drop=True)
 
 
-def prune(data_dir: Path, older_than_days: int = 30, now: datetime | None = None) -> list[Path]:
-    """Remove date partitions older than ``older_than_days``; returns the directories removed."""
-    import shutil
-
+def prune(store: Store | Path, older_than_days: int = 30, now: datetime | None = None) -> list[str]:
+    """Remove date partitions older than ``older_than_days``; returns the partitions removed."""
+    store = as_store(store)
     cutoff = (now or datetime.now(timezone.utc)).date() - timedelta(days=older_than_days)
     removed = []
-    for day_dir in sorted((Path(data_dir) / LOG_DIR).glob("model=*/date=*")):
-        try:
-            day = date.fromisoformat(day_dir.name.removeprefix("date="))
-        except ValueError:
+    for model_dir in store.children(LOG_DIR):
+        if not model_dir.startswith("model="):
             continue
-        if day < cutoff:
-            shutil.rmtree(day_dir, ignore_errors=True)
-            removed.append(day_dir)
+        for _, day_prefix in _partitions(store, f"{LOG_DIR}/{model_dir}", "date", None,
+                                         cutoff - timedelta(days=1), date.fromisoformat):
+            store.delete_tree(day_prefix)
+            removed.append(day_prefix)
     return removed

@@ -1,8 +1,9 @@
 """What the online service reads of the batch jobs' results: the verdict models, where they are, and their readers.
 
 The drift and quality jobs (:mod:`monitoring.jobs`) write each run's result as
-``<data_dir>/<job>/<model>/<version>/<UTC timestamp>/result.json`` and keep
-``<data_dir>/<job>/<model>/<version>/latest.json`` current, atomically. Every
+``<job>/<model>/<version>/<UTC timestamp>/result.json`` in the store
+(:mod:`monitoring.store`) and keep ``<job>/<model>/<version>/latest.json``
+current, atomically. Every
 worker's control loop polls ``latest.json`` and applies the verdict to routing
 and gauges, so this module holds only what that takes: the pydantic models of
 the results, the paths, and :func:`read_latest_drift` and
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
+
+from monitoring.store import Store, as_store
 
 DRIFT_DIR = "drift"
 """Directory of the drift job's results under the data directory."""
@@ -231,33 +234,40 @@ class PerformanceResult(BaseModel):
 # ----------------------------------------------------------------------------- readers
 
 
-def read_latest_result(data_dir: Path, job: str, model: str, version: str | None, result: type[R]) -> R | None:
+def latest_key(job: str, model: str, version: str) -> str:
+    """The store key of a model version's newest result of ``job``."""
+    return f"{job}/{model}/{version}/{LATEST_FILE}"
+
+
+def read_latest_result(store: Store | Path, job: str, model: str, version: str | None, result: type[R]) -> R | None:
     """The newest ``latest.json`` of a model version (of any version when None), or None.
 
-    Raises :class:`VerdictError` naming the file when one cannot be read or is not a ``result``.
+    ``store`` is the store (or a local data directory). Raises :class:`VerdictError` naming
+    the file when one cannot be read or is not a ``result``.
     """
-    base = Path(data_dir) / job / model
-    paths = [base / version / LATEST_FILE] if version else sorted(base.glob(f"*/{LATEST_FILE}"))
+    store = as_store(store)
+    keys = ([latest_key(job, model, version)] if version
+            else [latest_key(job, model, v) for v in store.children(f"{job}/{model}")])
     results = []
-    for path in paths:
+    for key in keys:
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+            text = store.get(key)
+        except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:
-            raise VerdictError(f"cannot read {path}: {exc}") from exc
+            raise VerdictError(f"cannot read {store.url_of(key)}: {exc}") from exc
         try:
             results.append(result.model_validate_json(text))
         except ValidationError as exc:
-            raise VerdictError(f"{path} is not a {job} result: {exc.errors()[0]['msg']}") from exc
+            raise VerdictError(f"{store.url_of(key)} is not a {job} result: {exc.errors()[0]['msg']}") from exc
     return max(results, key=lambda r: r.created_at, default=None)  # type: ignore[attr-defined]
 
 
-def read_latest_drift(data_dir: Path, model: str, version: str | None = None) -> DriftResult | None:
+def read_latest_drift(store: Store | Path, model: str, version: str | None = None) -> DriftResult | None:
     """The newest drift result of a model version (of any version when None); None when there is none."""
-    return read_latest_result(data_dir, DRIFT_DIR, model, version, DriftResult)
+    return read_latest_result(store, DRIFT_DIR, model, version, DriftResult)
 
 
-def read_latest_quality(data_dir: Path, model: str, version: str | None = None) -> PerformanceResult | None:
+def read_latest_quality(store: Store | Path, model: str, version: str | None = None) -> PerformanceResult | None:
     """The newest quality result of a model version (of any version when None); None when there is none."""
-    return read_latest_result(data_dir, PERFORMANCE_DIR, model, version, PerformanceResult)
+    return read_latest_result(store, PERFORMANCE_DIR, model, version, PerformanceResult)

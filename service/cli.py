@@ -13,6 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from monitoring.store import Store, command_store
 from service.core.errors import VigilError
 
 app = typer.Typer(help="Vigil: serve registered ONNX models with monitoring built in.", no_args_is_help=True,
@@ -166,12 +167,14 @@ deploy_app = typer.Typer(help="Stable and canary versions: status, canary, promo
 app.add_typer(deploy_app, name="deploy")
 
 DeployOption = typer.Option(None, "--deploy", help="Deploy config (default: $VIGIL_DEPLOY, else ./deploy.yaml).")
-DataDirOption = typer.Option(None, "--data-dir", help="Data directory (default: $VIGIL_DATA_DIR, else ./var).")
+DataDirOption = typer.Option(None, "--data-dir", help="Data directory (default: the store of $VIGIL_STORE, else "
+                                                         "$VIGIL_DATA_DIR, else ./var).")
 UrlOption = typer.Option("http://127.0.0.1:3000", "--url", envvar="VIGIL_URL", help="The running service, asked to reload.")
 
 
-def _data_dir(data_dir: Optional[Path]) -> Path:
-    return data_dir or Path(os.environ.get("VIGIL_DATA_DIR", "var"))
+def _data_dir(data_dir: Optional[Path]) -> Store:
+    """Where the rollback state is: ``--data-dir``, else the service's store (``VIGIL_STORE``, ``VIGIL_DATA_DIR``)."""
+    return command_store(data_dir)
 
 
 def _ask_reload(url: str) -> None:

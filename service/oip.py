@@ -485,9 +485,14 @@ def _binary(datatype: str, data: Any) -> bytes:
     return np.ascontiguousarray(data, dtype=NUMPY_TYPES[datatype]).tobytes()
 
 
-def instance_parameters(version: str, variant: str, reasons: list[str | None]) -> dict[str, Any]:
-    """Each instance's version, variant (``fallback`` where the fallback answered) and fallback reason (or null)."""
-    return {"versions": [version] * len(reasons),
+def instance_parameters(version: str, variant: str, reasons: list[str | None], request_id: str) -> dict[str, Any]:
+    """Each instance's version, variant (``fallback`` where the fallback answered) and fallback reason (or null),
+    and ``request_id``: the id Vigil issued and logged the prediction under, the one ``/feedback`` takes.
+
+    The response's ``id`` echoes the client's ``id`` as the protocol asks; an id the client chose
+    says neither which worker served it nor when, so it cannot be a feedback key (see :mod:`service.feedback`).
+    """
+    return {"request_id": request_id, "versions": [version] * len(reasons),
             "variants": [variant if reason is None else "fallback" for reason in reasons],
             "reasons": reasons}
 

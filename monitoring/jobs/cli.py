@@ -9,7 +9,6 @@ version, feature or stat test), 1 anything else.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 
+from monitoring.store import Store, command_store
 from service.core.errors import ModelNotFound, VigilError
 
 if TYPE_CHECKING:
@@ -53,7 +53,10 @@ def _predlog_group() -> None:
     """The prediction log: retention."""
 
 
-DataDirOption = typer.Option(None, "--data-dir", help="Data directory (default: $VIGIL_DATA_DIR, else ./var).")
+DataDirOption = typer.Option(None, "--data-dir", help="Data directory (default: the store of $VIGIL_STORE, else "
+                                                         "$VIGIL_DATA_DIR, else ./var).")
+StoreOption = typer.Option(None, "--store", help="The store, e.g. s3://bucket/prefix or a directory "
+                                                 "(default: $VIGIL_STORE, else the data directory).")
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -61,9 +64,13 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def data_dir_root(path: Path | None) -> Path:
-    """The data directory: the argument, else ``VIGIL_DATA_DIR``, else ``./var``."""
-    return path if path is not None else Path(os.environ.get("VIGIL_DATA_DIR") or "var")
+def job_store(data_dir: Path | None, store: str | None = None) -> Store:
+    """Where the job reads and writes: ``--store``, else ``--data-dir``, else ``VIGIL_STORE``, else
+    ``VIGIL_DATA_DIR``."""
+    try:
+        return command_store(data_dir, store)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
 
 def parse_duration(text: str, option: str) -> timedelta:
@@ -109,7 +116,8 @@ def parse_stattests(items: list[str]) -> dict[str, dict[str, Any]]:
 def job_window(since: str | None, last: str | None, until: str | None, default_last: str) -> tuple[datetime, datetime]:
     """(since, until) of a job's window: ``--since``, or ``--last`` (else ``default_last``) back from ``--until``.
 
-    ``--until`` defaults to a minute ago, so rows the service still buffers are not half-counted.
+    ``--until`` defaults to now less the log's flush interval and a few seconds, so rows the service
+    still buffers are not half-counted.
     """
     from monitoring.jobs.drift import default_until
 
@@ -191,10 +199,12 @@ def summary(result: DriftResult) -> str:
     return "\n".join(lines)
 
 
-def _prune(data_dir: Path, days: int) -> None:
+def _prune(data_dir: Store, days: int) -> None:
+    from monitoring.feedback import prune_feedback
     from monitoring.predlog import prune
 
     removed = prune(data_dir, older_than_days=days)
+    prune_feedback(data_dir, older_than_days=days)
     if removed:
         typer.echo(f"pruned {len(removed)} prediction log partition(s) older than {days} days", err=True)
 
@@ -207,13 +217,15 @@ def run(
     since: Optional[str] = typer.Option(None, "--since", help="Window start, ISO 8601 (UTC when no offset)."),
     last: Optional[str] = typer.Option(None, "--last", help=f"Window length back from --until, e.g. 30m, 24h, 7d "
                                                             f"(default {DEFAULT_LAST} unless --since is given)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Window end, ISO 8601 (default: a minute ago, so rows "
-                                                              "still buffered by the service are not half-counted)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Window end, ISO 8601 (default: now less the log's "
+                                                              "flush interval and 5 s, so rows still buffered by "
+                                                              "the service are not half-counted)."),
     min_rows: int = typer.Option(200, "--min-rows", min=1, help="Fewest logged rows for a verdict (exit 4 below)."),
     out: Optional[Path] = typer.Option(None, "--out",
                                        help="Directory for report.html and result.json "
                                             "(default: <data-dir>/drift/<model>/<version>/<UTC time>/)."),
     data_dir: Optional[Path] = DataDirOption,
+    store: Optional[str] = StoreOption,
     registry: Optional[Path] = typer.Option(None, "--registry",
                                             help="Registry directory (default: $VIGIL_REGISTRY, else ./models)."),
     prune_days: int = typer.Option(30, "--prune-days", min=0,
@@ -231,7 +243,7 @@ def run(
     from monitoring.jobs.drift import DriftConfigError, DriftError, NotEnoughRows, run_drift
 
     since_time, until_time = job_window(since, last, until, DEFAULT_LAST)
-    data_root = data_dir_root(data_dir)
+    data_root = job_store(data_dir, store)
     try:
         with _progress() as progress:
             result = run_drift(data_root, registry, model, version, since_time, until_time, min_rows=min_rows, out=out,
@@ -256,10 +268,13 @@ def run(
 def prune_command(
     older_than_days: int = typer.Option(30, "--older-than-days", min=1, help="Delete log days older than this."),
     data_dir: Optional[Path] = DataDirOption,
+    store: Optional[str] = StoreOption,
 ) -> None:
-    """Delete prediction log partitions older than the retention period."""
+    """Delete prediction log partitions older than the retention period (and the feedback claims of their requests)."""
+    from monitoring.feedback import prune_feedback
     from monitoring.predlog import prune
 
-    root = data_dir_root(data_dir)
+    root = job_store(data_dir, store)
     removed = prune(root, older_than_days=older_than_days)
-    typer.echo(f"removed {len(removed)} prediction log partition(s) older than {older_than_days} days from {root}")
+    prune_feedback(root, older_than_days=older_than_days)
+    typer.echo(f"removed {len(removed)} prediction log partition(s) older than {older_than_days} days from {root.url}")

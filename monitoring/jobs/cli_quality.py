@@ -20,9 +20,10 @@ from monitoring.jobs.cli import (
     EXIT_TOO_FEW_ROWS,
     EXIT_USAGE,
     DataDirOption,
+    StoreOption,
     _fail,
     _progress,
-    data_dir_root,
+    job_store,
     job_window,
     window_lines,
 )
@@ -85,7 +86,8 @@ def run(
                                                               "no offset)."),
     last: Optional[str] = typer.Option(None, "--last", help=f"Window length back from --until, e.g. 24h, 7d, 4w "
                                                             f"(default {DEFAULT_LAST} unless --since is given)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Window end, ISO 8601 (default: a minute ago)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Window end, ISO 8601 (default: now less the log's "
+                                                              "flush interval and 5 s)."),
     min_rows: int = typer.Option(50, "--min-rows", min=1,
                                  help="Fewest predictions with feedback for a verdict (exit 4 below)."),
     tolerance: float = typer.Option(0.05, "--tolerance", min=0.0,
@@ -98,6 +100,7 @@ def run(
                                        help="Directory for report.html and result.json "
                                             "(default: <data-dir>/performance/<model>/<version>/<UTC time>/)."),
     data_dir: Optional[Path] = DataDirOption,
+    store: Optional[str] = StoreOption,
     registry: Optional[Path] = typer.Option(None, "--registry",
                                             help="Registry directory (default: $VIGIL_REGISTRY, else ./models)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a summary."),
@@ -109,7 +112,7 @@ def run(
     try:
         # The job has as many stages as the drift job, whose progress bar it shares.
         with _progress() as progress:
-            result = run_performance(data_dir_root(data_dir), registry, model, version, since_time, until_time,
+            result = run_performance(job_store(data_dir, store), registry, model, version, since_time, until_time,
                                      min_rows=min_rows, out=out, tolerance=tolerance,
                                      error_tolerance=error_tolerance, progress=progress)
     except NotEnoughFeedback as exc:

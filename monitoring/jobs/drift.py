@@ -5,9 +5,13 @@
 feature and the prediction with ``reference.parquet`` using Evidently's
 ``DataDriftPreset`` and ``ValueDrift``, and writes::
 
-    <data_dir>/drift/<model>/<version>/<UTC timestamp>/report.html   Evidently's own report
-    <data_dir>/drift/<model>/<version>/<UTC timestamp>/result.json   a DriftResult
-    <data_dir>/drift/<model>/<version>/latest.json                   the newest DriftResult (atomic)
+    drift/<model>/<version>/<UTC timestamp>/report.html   Evidently's own report
+    drift/<model>/<version>/<UTC timestamp>/result.json   a DriftResult
+    drift/<model>/<version>/latest.json                   the newest DriftResult (atomic)
+
+in the store (``$VIGIL_DATA_DIR``, or ``VIGIL_STORE`` such as ``s3://bucket/prefix``),
+where every replica's log segments are too. From object storage the window's
+segments are downloaded once, in parallel, before they are read.
 
 Large windows are compared through a sample. Evidently's time and memory grow
 with the rows it is given, while its verdicts do not need them all: the default
@@ -50,11 +54,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from monitoring.jobs.files import TooFewRows, run_dir, version_dir
-from monitoring.predlog import read_log, segment_files
+from monitoring.jobs.files import RunOutput, TooFewRows
+from monitoring.predlog import read_log, segment_keys
+from monitoring.store import Store, as_store
 from monitoring.verdicts import (
     DRIFT_DIR,
-    LATEST_FILE,
     DriftResult,
     FeatureDrift,
     PredictionDrift,
@@ -65,7 +69,7 @@ from monitoring.verdicts import (
 )
 from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, FeatureSpec, ModelCard
 from service.core.errors import ModelNotFound, describe_validation
-from service.core.files import atomic_write, write_text_atomic
+from service.core.settings import Settings
 from service.registry.store import REFERENCE_FILE, Registry
 
 if TYPE_CHECKING:
@@ -109,8 +113,8 @@ class NotEnoughRows(TooFewRows, DriftError):
     """The window holds fewer logged rows than the job needs for a verdict."""
 
     def __init__(self, model: str, version: str, rows: int, min_rows: int,
-                 since: datetime | None, until: datetime) -> None:
-        super().__init__(model, version, rows, min_rows, since, until, "logged row(s)", "drift")
+                 since: datetime | None, until: datetime, outside: tuple[int, int] | None = None) -> None:
+        super().__init__(model, version, rows, min_rows, since, until, "logged row(s)", "drift", outside=outside)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -176,7 +180,7 @@ def _registered_versions(reg: Registry, model: str) -> list[str]:
     return versions
 
 
-def _resolve_version(reg: Registry, data_dir: Path, model: str, since: datetime | None, until: datetime) -> str:
+def _resolve_version(reg: Registry, data_dir: Store, model: str, since: datetime | None, until: datetime) -> str:
     """The newest registered version with logged rows in the window, else the newest version."""
     versions = _registered_versions(reg, model)
     if len(versions) == 1:
@@ -187,7 +191,7 @@ def _resolve_version(reg: Registry, data_dir: Path, model: str, since: datetime 
     return (with_rows or versions)[-1]
 
 
-def _log_columns(data_dir: Path, model: str, version: str, since: datetime | None,
+def _log_columns(data_dir: Store, model: str, version: str, since: datetime | None,
                  until: datetime) -> tuple[set[str], dict[str, int], int]:
     """Columns present in every log segment that may hold rows of ``version``.
 
@@ -202,9 +206,10 @@ def _log_columns(data_dir: Path, model: str, version: str, since: datetime | Non
     common: set[str] | None = None
     seen: dict[str, int] = {}
     relevant = 0
-    for path in segment_files(data_dir, model, since, until):
+    for key in segment_keys(data_dir, model, since, until):
+        path = data_dir.local_path(key)
         try:
-            meta = pq.read_metadata(path)
+            meta = pq.read_metadata(path if path is not None else pa.BufferReader(data_dir.get(key)))
         except (OSError, pa.ArrowException):
             continue  # read_log skips it too
         names = meta.schema.to_arrow_schema().names
@@ -266,9 +271,11 @@ READ_CELLS = 8_000_000
 ``read_log`` holds about three copies of what it reads: read whole, a wide window would take three times its size."""
 FALLBACK_REASON = "reason"
 """Prediction log column saying why the fallback answered a row (null when the model did)."""
-LOG_SETTLE = timedelta(seconds=60)
-"""``until`` defaults to this long before now: rows younger than that may still sit in a worker's buffer
-(the log flushes at most every 60 s), and half of them would be compared."""
+SETTLE_MARGIN = timedelta(seconds=5)
+"""``until`` defaults to the log's flush interval and this much before now: rows younger than that may
+still sit in a worker's buffer or be on their way to the store, and only some of them would be compared."""
+OUTSIDE_LOOKBACK = timedelta(hours=24)
+"""How far before the window a too-thin window's message counts the rows it left out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +391,7 @@ class _Window:
 class _LogReader:
     """Reads columns of one window of the log a few at a time, checking every read sees the same rows."""
 
-    def __init__(self, data_dir: Path, model: str, version: str, since: datetime | None, until: datetime,
+    def __init__(self, data_dir: Store, model: str, version: str, since: datetime | None, until: datetime,
                  has_reason: bool) -> None:
         self.args = (data_dir, model, version, since, until)
         base = self._read([FALLBACK_REASON] if has_reason else [])
@@ -506,13 +513,32 @@ def _read_window(reader: _LogReader, features: list[tuple[str, Literal["numerica
     )
 
 
-def default_until(now: datetime | None = None) -> datetime:
-    """The end of a window when none is given: :data:`LOG_SETTLE` before now (UTC)."""
-    return (now or datetime.now(timezone.utc)) - LOG_SETTLE
+def default_until(now: datetime | None = None, flush_seconds: float | None = None) -> datetime:
+    """The end of a window when none is given: now less the log's flush interval and :data:`SETTLE_MARGIN` (UTC).
+
+    ``flush_seconds`` defaults to the service's ``VIGIL_PREDLOG_FLUSH_SECONDS`` (1 s unless set).
+    """
+    if flush_seconds is None:
+        flush_seconds = Settings().predlog_flush_seconds
+    return (now or datetime.now(timezone.utc)) - timedelta(seconds=flush_seconds) - SETTLE_MARGIN
+
+
+def rows_outside(store: Store | Path, model: str, version: str | None, since: datetime | None,
+                 until: datetime, now: datetime | None = None) -> tuple[int, int]:
+    """(rows in the :data:`OUTSIDE_LOOKBACK` before ``since``, rows from ``until`` to now) of a model version.
+
+    What a too-thin window's message says, so a window that ended before the rows came is seen as such.
+    """
+    now = now or datetime.now(timezone.utc)
+    before = 0
+    if since is not None:
+        before = len(read_log(store, model, version, since - OUTSIDE_LOOKBACK, since, columns=["time", "version"]))
+    after = len(read_log(store, model, version, until, now + timedelta(hours=1), columns=["time", "version"]))
+    return before, after
 
 
 def run_drift(
-    data_dir: Path,
+    data_dir: Store | Path,
     registry: Path | None,
     model: str,
     version: str | None = None,
@@ -545,7 +571,6 @@ def run_drift(
     started = time.perf_counter()
     created_at = datetime.now(timezone.utc)
     report_stage = progress or (lambda stage: None)
-    data_dir = Path(data_dir)
     since = _utc(since)
     until = _utc(until) or default_until(created_at)
     if since is not None and since >= until:
@@ -561,115 +586,113 @@ def run_drift(
     reg = Registry(registry)
     _registered_versions(reg, model)
     report_stage(STAGES[0])
-    version = version or _resolve_version(reg, data_dir, model, since, until)
-    card = reg.card(model, version)
-    unknown = sorted(set(overrides) - set(card.feature_names) - {PREDICTION_KEY})
-    if unknown:
-        raise DriftConfigError(f"stat test override(s) for {unknown}, which are not features of {model}:{version} "
-                               f"(features: {', '.join(card.feature_names)}; or '{PREDICTION_KEY}')")
-    prediction_column, prediction_type = _prediction_column(card)
-    _check_stattest_names(card, overrides, prediction_type)
-    reference = _read_reference(reg, model, version)
-    in_all, in_some, n_segments = _log_columns(data_dir, model, version, since, until)
-    features, skipped = _comparable_features(card, in_all, in_some, n_segments, reference)
-    notes: list[str] = []
-    if n_segments and prediction_column not in in_all:
-        notes.append(f"prediction drift not computed: '{prediction_column}' is missing from some log segments")
-        prediction_column = None
-    elif prediction_column not in reference.columns:
-        notes.append(f"prediction drift not computed: the reference data has no '{prediction_column}' column")
-        prediction_column = None
+    store = as_store(data_dir)
+    with store.local_copy(segment_keys(store, model, since, until)) as view:
+        version = version or _resolve_version(reg, view, model, since, until)
+        card = reg.card(model, version)
+        unknown = sorted(set(overrides) - set(card.feature_names) - {PREDICTION_KEY})
+        if unknown:
+            raise DriftConfigError(f"stat test override(s) for {unknown}, which are not features of {model}:{version} "
+                                   f"(features: {', '.join(card.feature_names)}; or '{PREDICTION_KEY}')")
+        prediction_column, prediction_type = _prediction_column(card)
+        _check_stattest_names(card, overrides, prediction_type)
+        reference = _read_reference(reg, model, version)
+        in_all, in_some, n_segments = _log_columns(view, model, version, since, until)
+        features, skipped = _comparable_features(card, in_all, in_some, n_segments, reference)
+        notes: list[str] = []
+        if n_segments and prediction_column not in in_all:
+            notes.append(f"prediction drift not computed: '{prediction_column}' is missing from some log segments")
+            prediction_column = None
+        elif prediction_column not in reference.columns:
+            notes.append(f"prediction drift not computed: the reference data has no '{prediction_column}' column")
+            prediction_column = None
 
-    reader = _LogReader(data_dir, model, version, since, until,
-                        has_reason=not n_segments or FALLBACK_REASON in in_all)
-    if len(reader.times) < min_rows:
-        raise NotEnoughRows(model, version, len(reader.times), min_rows, since, until)
-    if not features:
-        raise DriftError(f"no feature of {model}:{version} can be compared: "
-                         + "; ".join(f"{s.feature}: {s.reason}" for s in skipped))
+        reader = _LogReader(view, model, version, since, until,
+                            has_reason=not n_segments or FALLBACK_REASON in in_all)
+        if len(reader.times) < min_rows:
+            raise NotEnoughRows(model, version, len(reader.times), min_rows, since, until,
+                                outside=rows_outside(store, model, version, since, until))
+        if not features:
+            raise DriftError(f"no feature of {model}:{version} can be compared: "
+                             + "; ".join(f"{s.feature}: {s.reason}" for s in skipped))
 
-    report_stage(STAGES[1])
-    import evidently
+        report_stage(STAGES[1])
+        import evidently
 
-    # The same window draws the same rows: the seed comes from what defines the window.
-    seed = _seed(model, version, since, until, len(reader.times))
-    n_reference = len(reference)
-    if max_rows is not None and n_reference > max_rows:
-        reference = reference.sample(n=max_rows, random_state=seed % 2**32).reset_index(drop=True)
-    window = _read_window(reader, features, (prediction_column, prediction_type) if prediction_column else None,
-                          {spec.name: spec for spec in card.features}, reference, overrides, max_rows, seed)
-    skipped += window.skipped
-    notes += window.notes
-    if not window.columns:
-        raise DriftError(f"no feature of {model}:{version} has values in the window")
-    compared = {c.name for c in window.columns} | ({PREDICTION_KEY} if window.prediction else set())
-    notes += [f"the stat test override for '{name}' is unused: the column is not compared"
-              for name in overrides if name not in compared]
+        # The same window draws the same rows: the seed comes from what defines the window.
+        seed = _seed(model, version, since, until, len(reader.times))
+        n_reference = len(reference)
+        if max_rows is not None and n_reference > max_rows:
+            reference = reference.sample(n=max_rows, random_state=seed % 2**32).reset_index(drop=True)
+        window = _read_window(reader, features, (prediction_column, prediction_type) if prediction_column else None,
+                              {spec.name: spec for spec in card.features}, reference, overrides, max_rows, seed)
+        skipped += window.skipped
+        notes += window.notes
+        if not window.columns:
+            raise DriftError(f"no feature of {model}:{version} has values in the window")
+        compared = {c.name for c in window.columns} | ({PREDICTION_KEY} if window.prediction else set())
+        notes += [f"the stat test override for '{name}' is unused: the column is not compared"
+                  for name in overrides if name not in compared]
 
-    report_stage(STAGES[2])
-    keep = [c.name for c in window.columns] + ([window.prediction.name] if window.prediction else [])
-    snapshot, verdicts, share = _evidently_report(window.current[keep], reference[keep], window.columns,
-                                                  window.prediction, drift_share)
-    drifted = [c.name for c in window.columns if verdicts[c.name][1]]
-    if round(share * len(window.columns)) != len(drifted):
-        notes.append(f"Evidently counted {round(share * len(window.columns))} drifted columns "
-                     f"but flagged {len(drifted)}")
+        report_stage(STAGES[2])
+        keep = [c.name for c in window.columns] + ([window.prediction.name] if window.prediction else [])
+        snapshot, verdicts, share = _evidently_report(window.current[keep], reference[keep], window.columns,
+                                                      window.prediction, drift_share)
+        drifted = [c.name for c in window.columns if verdicts[c.name][1]]
+        if round(share * len(window.columns)) != len(drifted):
+            notes.append(f"Evidently counted {round(share * len(window.columns))} drifted columns "
+                         f"but flagged {len(drifted)}")
 
-    report_stage(STAGES[3])
-    directory = run_dir(data_dir, DRIFT_DIR, model, version, created_at, out, DriftError)
-    html_path, json_path = directory / REPORT_FILE, directory / RESULT_FILE
-    atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
-    n_current = len(window.current)
-    sampled_current, sampled_reference = n_current < window.rows, len(reference) < n_reference
-    prediction = window.prediction
-    result = DriftResult(
-        model=model,
-        version=version,
-        task=card.task,
-        window=Window(since=since, until=until, first_row=window.first_row, last_row=window.last_row),
-        rows=Rows(
-            window=window.rows, current=n_current,
-            current_sampling="time-stratified" if sampled_current else "none",
-            reference_available=n_reference, reference=len(reference),
-            reference_sampling="random" if sampled_reference else "none",
-            seed=seed if sampled_current or sampled_reference else None,
-            sample_rule=window.sample_rule,
-        ),
-        features={
-            c.name: FeatureDrift(
-                type=c.type, stat_test=c.test.name, stat_test_display=c.test.display_name,
-                score=verdicts[c.name][0], threshold=c.threshold, drifted=verdicts[c.name][1],
-                missing_share=window.quality[c.name][0], out_of_range_share=window.quality[c.name][1],
-            )
-            for c in window.columns
-        },
-        skipped_features=skipped,
-        drifted_features=drifted,
-        drift_share=share,
-        drift_share_threshold=drift_share,
-        dataset_drift=share >= drift_share,
-        prediction=PredictionDrift(
-            column=prediction.name, type=prediction.type, stat_test=prediction.test.name,
-            stat_test_display=prediction.test.display_name, score=verdicts[prediction.name][0],
-            threshold=prediction.threshold, drifted=verdicts[prediction.name][1],
-            rows=int(window.current[prediction.name].notna().sum()),
-        ) if prediction else None,
-        drift_detected=share >= drift_share or bool(prediction and verdicts[prediction.name][1]),
-        notes=notes,
-        evidently_version=evidently.__version__,
-        duration_seconds=0.0,
-        created_at=created_at,
-        report_html=str(html_path.resolve()),
-        result_json=str(json_path.resolve()),
-    )
-    result.duration_seconds = round(time.perf_counter() - started, 3)
-    text = result.model_dump_json(indent=2)
-    write_text_atomic(json_path, text)
-    write_text_atomic(version_dir(data_dir, DRIFT_DIR, model, version) / LATEST_FILE, text)
-    log.info("drift %s:%s: %s; %d/%d features drifted, prediction drift %s (%.1fs)", model, version,
-             "drift" if result.drift_detected else "no drift", len(drifted), len(window.columns),
-             result.prediction.drifted if result.prediction else "n/a", result.duration_seconds)
-    return result
+        report_stage(STAGES[3])
+        output = RunOutput(store, DRIFT_DIR, model, version, created_at, out)
+        output.write_with(REPORT_FILE, lambda path: snapshot.save_html(str(path)))
+        n_current = len(window.current)
+        sampled_current, sampled_reference = n_current < window.rows, len(reference) < n_reference
+        prediction = window.prediction
+        result = DriftResult(
+            model=model,
+            version=version,
+            task=card.task,
+            window=Window(since=since, until=until, first_row=window.first_row, last_row=window.last_row),
+            rows=Rows(
+                window=window.rows, current=n_current,
+                current_sampling="time-stratified" if sampled_current else "none",
+                reference_available=n_reference, reference=len(reference),
+                reference_sampling="random" if sampled_reference else "none",
+                seed=seed if sampled_current or sampled_reference else None,
+                sample_rule=window.sample_rule,
+            ),
+            features={
+                c.name: FeatureDrift(
+                    type=c.type, stat_test=c.test.name, stat_test_display=c.test.display_name,
+                    score=verdicts[c.name][0], threshold=c.threshold, drifted=verdicts[c.name][1],
+                    missing_share=window.quality[c.name][0], out_of_range_share=window.quality[c.name][1],
+                )
+                for c in window.columns
+            },
+            skipped_features=skipped,
+            drifted_features=drifted,
+            drift_share=share,
+            drift_share_threshold=drift_share,
+            dataset_drift=share >= drift_share,
+            prediction=PredictionDrift(
+                column=prediction.name, type=prediction.type, stat_test=prediction.test.name,
+                stat_test_display=prediction.test.display_name, score=verdicts[prediction.name][0],
+                threshold=prediction.threshold, drifted=verdicts[prediction.name][1],
+                rows=int(window.current[prediction.name].notna().sum()),
+            ) if prediction else None,
+            drift_detected=share >= drift_share or bool(prediction and verdicts[prediction.name][1]),
+            notes=notes,
+            evidently_version=evidently.__version__,
+            duration_seconds=0.0,
+            created_at=created_at,
+            **output.urls(report_html=REPORT_FILE, result_json=RESULT_FILE),
+        )
+        output.publish(result, started, RESULT_FILE)
+        log.info("drift %s:%s: %s; %d/%d features drifted, prediction drift %s (%.1fs)", model, version,
+                 "drift" if result.drift_detected else "no drift", len(drifted), len(window.columns),
+                 result.prediction.drifted if result.prediction else "n/a", result.duration_seconds)
+        return result
 
 
 def _read_reference(reg: Registry, model: str, version: str) -> pd.DataFrame:

@@ -6,9 +6,9 @@
 the model's quality on the joined rows with Evidently, compares it with the
 training metrics of the version's card, and writes::
 
-    <data_dir>/performance/<model>/<version>/<UTC timestamp>/report.html   Evidently's own report
-    <data_dir>/performance/<model>/<version>/<UTC timestamp>/result.json   a PerformanceResult
-    <data_dir>/performance/<model>/<version>/latest.json                   the newest PerformanceResult (atomic)
+    performance/<model>/<version>/<UTC timestamp>/report.html   Evidently's own report (in the store)
+    performance/<model>/<version>/<UTC timestamp>/result.json   a PerformanceResult
+    performance/<model>/<version>/latest.json                   the newest PerformanceResult (atomic)
 
 Choices, and why:
 
@@ -64,11 +64,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from monitoring.feedback import read_feedback
-from monitoring.jobs.drift import FALLBACK_REASON, _registered_versions, _utc, default_until
-from monitoring.jobs.files import TooFewRows, run_dir, version_dir
-from monitoring.predlog import read_log
+from monitoring.jobs.drift import FALLBACK_REASON, _registered_versions, _utc, default_until, rows_outside
+from monitoring.jobs.files import RunOutput, TooFewRows
+from monitoring.predlog import read_log, segment_keys
+from monitoring.store import Store, as_store
 from monitoring.verdicts import (
-    LATEST_FILE,
     PERFORMANCE_DIR,
     BaselineCheck,
     ClassShare,
@@ -78,7 +78,6 @@ from monitoring.verdicts import (
     Window,
 )
 from service.core.card import PREDICTION_COLUMN, SCORE_COLUMN, ModelCard
-from service.core.files import atomic_write, write_text_atomic
 from service.registry.store import Registry
 
 if TYPE_CHECKING:
@@ -136,26 +135,25 @@ class NotEnoughFeedback(TooFewRows, PerformanceError):
     """The window holds fewer predictions with feedback (answered by the model) than the job needs."""
 
     def __init__(self, model: str, version: str, rows: int, min_rows: int, since: datetime | None,
-                 until: datetime, fallback: int = 0) -> None:
+                 until: datetime, fallback: int = 0, outside: tuple[int, int] | None = None) -> None:
         excluded = f" ({fallback} more answered by the fallback, which do not count)" if fallback else ""
         super().__init__(model, version, rows, min_rows, since, until, "prediction(s) with feedback", "quality",
-                         excluded)
+                         excluded, outside=outside)
         self.fallback = fallback
 
 
 # ----------------------------------------------------------------------------- joining
 
 
-def _joined_window(data_dir: Path, model: str, task: str, since: datetime | None,
-                   until: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _join_feedback(logged: pd.DataFrame, store: Store, model: str,
+                   task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the window's logged predictions of every version, those with feedback joined: column ``actual``).
 
     The actual is text for classification (as feedback stores it) and a float for regression.
     """
     import pandas as pd
 
-    logged = read_log(data_dir, model, since=since, until=until, columns=LOG_COLUMNS)
-    feedback = read_feedback(data_dir, model)
+    feedback = read_feedback(store, model)
     column = ACTUAL_COLUMN if task == "classification" else ACTUAL_VALUE_COLUMN
     if column not in feedback.columns or not len(logged):
         return logged, logged.iloc[:0].assign(actual=pd.Series(dtype=object))
@@ -320,7 +318,7 @@ def compare_with_baseline(live: dict[str, float | None], baseline: dict[str, flo
 
 
 def run_performance(
-    data_dir: Path,
+    data_dir: Store | Path,
     registry: Path | None,
     model: str,
     version: str | None = None,
@@ -351,7 +349,7 @@ def run_performance(
     started = time.perf_counter()
     created_at = datetime.now(timezone.utc)
     report_stage = progress or (lambda stage: None)
-    data_dir = Path(data_dir)
+    store = as_store(data_dir)
     since = _utc(since)
     until = _utc(until) or default_until(created_at)
     if since is not None and since >= until:
@@ -366,7 +364,9 @@ def run_performance(
     # The task (which feedback column holds the actual) is the model's, whatever the version.
     task = reg.card(model, version).task
     report_stage(STAGES[0])
-    logged, joined = _joined_window(data_dir, model, task, since, until)
+    with store.local_copy(segment_keys(store, model, since, until)) as view:
+        logged = read_log(view, model, since=since, until=until, columns=LOG_COLUMNS)
+    logged, joined = _join_feedback(logged, store, model, task)
     version = version or _resolve_version(reg, model, joined)
     card = reg.card(model, version)
     logged = logged[logged["version"] == version]
@@ -375,7 +375,8 @@ def run_performance(
     rows = joined[by_model].reset_index(drop=True)
     n_fallback = int((~by_model).sum())
     if len(rows) < min_rows:
-        raise NotEnoughFeedback(model, version, len(rows), min_rows, since, until, fallback=n_fallback)
+        raise NotEnoughFeedback(model, version, len(rows), min_rows, since, until, fallback=n_fallback,
+                                outside=rows_outside(store, model, version, since, until))
 
     notes: list[str] = []
     if n_fallback:
@@ -407,9 +408,8 @@ def run_performance(
     degraded = [name for name, check in checks.items() if check.degraded]
 
     report_stage(STAGES[3])
-    directory = run_dir(data_dir, PERFORMANCE_DIR, model, version, created_at, out, PerformanceError)
-    html_path, json_path = directory / REPORT_FILE, directory / RESULT_FILE
-    atomic_write(html_path, lambda tmp: snapshot.save_html(str(tmp)))
+    output = RunOutput(store, PERFORMANCE_DIR, model, version, created_at, out)
+    output.write_with(REPORT_FILE, lambda path: snapshot.save_html(str(path)))
     variants = rows["variant"].value_counts()
     result = PerformanceResult(
         model=model,
@@ -436,13 +436,9 @@ def run_performance(
         evidently_version=evidently.__version__,
         duration_seconds=0.0,
         created_at=created_at,
-        report_html=str(html_path.resolve()),
-        result_json=str(json_path.resolve()),
+        **output.urls(report_html=REPORT_FILE, result_json=RESULT_FILE),
     )
-    result.duration_seconds = round(time.perf_counter() - started, 3)
-    text = result.model_dump_json(indent=2)
-    write_text_atomic(json_path, text)
-    write_text_atomic(version_dir(data_dir, PERFORMANCE_DIR, model, version) / LATEST_FILE, text)
+    output.publish(result, started, RESULT_FILE)
     log.info("performance %s:%s: %s on %d rows%s (%.1fs)", model, version,
              "degraded" if degraded else "not degraded", len(rows),
              f" ({', '.join(degraded)})" if degraded else "", result.duration_seconds)

@@ -168,7 +168,8 @@ class MetricFamilies(DeferredChildren):
             "vigil_feedback", "Ground-truth values accepted (duplicates are not counted).", ["model", "version"],
             registry=r)
         self.feedback_unmatched = Counter(
-            "vigil_feedback_unmatched", "Feedback refused because its request id is not in the prediction log.",
+            "vigil_feedback_unmatched", "Feedback values never matched to a logged prediction: refused at once (no such logged instance), "
+            "or stored and given up on after VIGIL_FEEDBACK_MATCH_SECONDS (kept for the jobs).",
             ["model"], registry=r)
         self.feedback_correct = Counter(
             "vigil_feedback_correct", "Classification feedback whose actual label equals the served prediction.",

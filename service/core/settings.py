@@ -23,7 +23,23 @@ class Settings(BaseSettings):
     """The deploy config: stable/canary versions and policies per model (optional file)."""
 
     data_dir: Path = Path("var")
-    """Where the service keeps what it writes (prediction log, drift results, state)."""
+    """The local directory of this host: the store when ``store`` is unset."""
+
+    store: str | None = None
+    """Where what outlives a worker lives (prediction log, feedback, job verdicts, rollback state), shared by
+    every replica that names it: unset for ``data_dir``; a directory (a shared volume works); or
+    ``s3://bucket/prefix`` for object storage through the S3 API (credentials and region from the usual
+    ``AWS_*`` variables)."""
+
+    store_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible server (MinIO, Ceph, moto) for an ``s3://`` store; else
+    ``AWS_ENDPOINT_URL``, else AWS's own."""
+
+    feedback_match_seconds: float = Field(60.0, gt=0, le=86_400)
+    """How long after serving a request its prediction may still be on its way to the store. Feedback for it
+    is accepted at once and matched when the prediction appears; past this it is counted in
+    ``vigil_feedback_unmatched_total`` (and kept for the jobs). Feedback for an older request whose
+    prediction is not in the log is refused with 404. Must exceed the flush interval plus the request timeout."""
 
     max_instances: int = Field(1000, ge=1)
     """Most instances accepted in one ``/predict`` request."""

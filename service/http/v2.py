@@ -163,7 +163,6 @@ class V2Handlers:
             settings = self.settings
             body = await read_body(request, settings.max_body_bytes)
             decoded = oip.parse_request(body, request.headers.get(HEADER_LENGTH), settings.max_instances)
-            request_id = decoded.id or request_id
             served, outcome = await self.server.infer(name or "", version, decoded.key,
                                                       functools.partial(oip.batch_for, decoded), request_id)
         except VigilError as exc:
@@ -172,8 +171,9 @@ class V2Handlers:
             raise
         card = served.card
         outputs, parts = oip.encode_outputs(card, outcome.predictions, decoded.outputs, decoded.binary_outputs)
-        answer = orjson.dumps({"model_name": card.name, "model_version": card.version, "id": request_id,
-                               "parameters": oip.instance_parameters(card.version, served.variant, outcome.reasons),
+        answer = orjson.dumps({"model_name": card.name, "model_version": card.version, "id": decoded.id or request_id,
+                               "parameters": oip.instance_parameters(card.version, served.variant, outcome.reasons,
+                                                                     request_id),
                                "outputs": outputs})
         if not parts:
             return Response(answer, media_type="application/json", headers={"X-Request-ID": request_id})

@@ -1,8 +1,12 @@
 """The worker's control loop: hot reload of deploy.yaml and the rollback state, drift and quality verdicts,
 canary checks.
 
-One daemon thread per worker polls the files (no inotify dependency, works on
-any shared volume) every ``interval`` seconds. A reload builds the new routing
+One daemon thread per worker polls every ``interval`` seconds: deploy.yaml on
+disk, and the rollback state and verdicts in the store (no inotify dependency,
+works on any shared volume). On a local store it stats each of them; on object
+storage, where each stamp is a request, it stamps the store's change marker
+(:data:`monitoring.store.CHANGES_KEY`, rewritten by every writer of them) and
+looks at them all only when it changed, or every :data:`FULL_POLL_SECONDS`. A reload builds the new routing
 off the request path and swaps it in one assignment, so requests in flight
 finish on the old routing and none fails during the switch.
 """
@@ -16,18 +20,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from monitoring.store import CHANGES_KEY
 from monitoring.verdicts import (
     DRIFT_DIR,
-    LATEST_FILE,
     PERFORMANCE_DIR,
     VerdictError,
+    latest_key,
     read_latest_drift,
     read_latest_quality,
 )
-from service.serving.deploy import DeployConfigError, state_path
+from service.serving.deploy import STATE_KEY, DeployConfigError
 from service.serving.server import ModelServer
 
 log = logging.getLogger("vigil.control")
+
+FULL_POLL_SECONDS = 30.0
+"""On object storage, how often every watched key is stamped even when the change marker did not move
+(a writer that died between its write and the marker)."""
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -45,10 +54,12 @@ class ControlLoop:
         self.server = server
         self.interval = interval
         self._deploy_path = Path(server.settings.deploy)
-        self._state_path = state_path(server.settings.data_dir)
-        self._seen = (_stamp(self._deploy_path), _stamp(self._state_path))
-        self._drift_seen: dict[tuple[str, str], tuple[int, int] | None] = {}
-        self._quality_seen: dict[tuple[str, str], tuple[int, int] | None] = {}
+        self._store = server.store
+        self._seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
+        self._changes: tuple[Any, ...] | None = None
+        self._full_poll = 0.0
+        self._drift_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
+        self._quality_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,29 +86,42 @@ class ControlLoop:
 
     def tick(self) -> None:
         """One round: reload when a watched file changed, take new drift verdicts, check the canaries."""
-        seen = (_stamp(self._deploy_path), _stamp(self._state_path))
+        if self._store_may_have_changed():
+            seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
+            self.check_drift()
+            self.check_quality()
+        else:
+            seen = (_stamp(self._deploy_path), self._seen[1])
         if seen != self._seen:
             self._seen = seen
             self.reload("file change")
-        self.check_drift()
-        self.check_quality()
         self.server.check_canaries()
         self.server.loader.close_retired(time.monotonic())
 
-    def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[int, int] | None],
+    def _store_may_have_changed(self) -> bool:
+        """Whether the watched keys of the store need stamping this round (always, on a local store)."""
+        if self._store.cheap_stamps:
+            return True
+        now = time.monotonic()
+        changes = self._store.stamp(CHANGES_KEY)
+        if changes != self._changes or now - self._full_poll >= FULL_POLL_SECONDS:
+            self._changes, self._full_poll = changes, now
+            return True
+        return False
+
+    def _poll(self, kind: str, seen: dict[tuple[str, str], tuple[Any, ...] | None],
               read: Callable[..., Any], apply: Callable[[Any, Any], None]) -> None:
         """Apply each served version's verdict of one job when its ``latest.json`` changed (no restart needed)."""
-        data_dir = Path(self.server.settings.data_dir)
         for served in self.server.served_versions():
             key = (served.card.name, served.card.version)
-            stamp = _stamp(data_dir / kind / key[0] / key[1] / LATEST_FILE)
+            stamp = self._store.stamp(latest_key(kind, *key))
             if stamp == seen.get(key):
                 continue
             seen[key] = stamp
             if stamp is None:
                 continue
             try:
-                result = read(data_dir, *key)
+                result = read(self._store, *key)
             except VerdictError as exc:
                 log.error("ignoring %s verdict of %s:%s: %s", kind, key[0], key[1], exc)
                 continue

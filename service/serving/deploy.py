@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from monitoring.store import Store, as_store
 from service.core.errors import VigilError, describe_validation, validation_problems
 from service.core.files import atomic_write
 
@@ -209,43 +210,60 @@ class DeployState(BaseModel):
         return policy.canary.traffic
 
 
-def state_path(data_dir: Path) -> Path:
-    """Where the rollback state lives."""
-    return Path(data_dir) / "deploy_state.json"
+STATE_KEY = "deploy_state.json"
+"""Where the rollback state lives in the store (``$VIGIL_DATA_DIR/deploy_state.json`` by default)."""
 
 
-def load_state(data_dir: Path) -> DeployState:
+def load_state(store: Store | Path) -> DeployState:
     """Read the rollback state (empty when missing; an unreadable file is reported, not fatal)."""
-    path = state_path(data_dir)
-    if not path.exists():
-        return DeployState()
+    store = as_store(store)
     try:
-        return DeployState.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError) as exc:
-        raise DeployConfigError(f"cannot read rollback state {path}: {exc}") from exc
+        return DeployState.model_validate_json(store.get(STATE_KEY))
+    except FileNotFoundError:
+        return DeployState()
+    except Exception as exc:  # noqa: BLE001 - unreadable or unreachable (each backend has its own errors)
+        raise DeployConfigError(f"cannot read rollback state {store.url_of(STATE_KEY)}: {exc}") from exc
+
+
+def _change_state(store: Store | Path, change: Callable[[DeployState], bool]) -> DeployState:
+    """Apply ``change`` to the stored state as one compare-and-swap: two replicas rolling back two models keep both."""
+    store = as_store(store)
+    result: list[DeployState] = []
+
+    def apply(current: bytes | None) -> bytes | None:
+        try:
+            state = DeployState.model_validate_json(current) if current else DeployState()
+        except ValidationError as exc:
+            raise DeployConfigError(f"cannot read rollback state {store.url_of(STATE_KEY)}: {exc}") from exc
+        result[:] = [state]
+        return state.model_dump_json(indent=2).encode() if change(state) else None
+
+    if store.update(STATE_KEY, apply, durable=True) is not None:
+        store.note_change()
+    return result[0]
+
+
+def record_rollback(store: Store | Path, model: str, record: RollbackRecord) -> DeployState:
+    """Add a rollback to the stored state (atomic); returns the new state."""
+
+    def add(state: DeployState) -> bool:
+        state.rollbacks[model] = record
+        return True
+
+    return _change_state(store, add)
+
+
+def clear_rollback(store: Store | Path, model: str) -> None:
+    """Forget a model's rollback (the operator re-enables its canary)."""
+    _change_state(store, lambda state: state.rollbacks.pop(model, None) is not None)
+
+
+# ---------------------------------------------------------------------- editing deploy.yaml
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_bytes(data), durable=True)
-
-
-def record_rollback(data_dir: Path, model: str, record: RollbackRecord) -> DeployState:
-    """Add a rollback to the state file (atomic); returns the new state."""
-    state = load_state(data_dir)
-    state.rollbacks[model] = record
-    _atomic_write(state_path(data_dir), state.model_dump_json(indent=2).encode())
-    return state
-
-
-def clear_rollback(data_dir: Path, model: str) -> None:
-    """Forget a model's rollback (the operator re-enables its canary)."""
-    state = load_state(data_dir)
-    if state.rollbacks.pop(model, None) is not None:
-        _atomic_write(state_path(data_dir), state.model_dump_json(indent=2).encode())
-
-
-# ---------------------------------------------------------------------- editing deploy.yaml
 
 
 def edit_deploy(path: Path, change: Callable[[Any], None], versions: dict[str, list[str]] | None = None) -> DeployConfig:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from monitoring.canary import Breach, CanaryComparison
 from monitoring.metrics import VigilMetrics
 from monitoring.predlog import PredictionLog
+from monitoring.store import Store, settings_store
 from monitoring.verdicts import DriftResult, PerformanceResult
 from service.core.card import ModelCard
 from service.core.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
@@ -49,8 +50,10 @@ class ModelServer:
     """Owns the loaded models of one worker and answers prediction requests."""
 
     def __init__(self, settings: Settings, metrics: VigilMetrics | None,
-                 predlog: PredictionLog | None = None, deploy: DeployConfig | None = None) -> None:
+                 predlog: PredictionLog | None = None, deploy: DeployConfig | None = None,
+                 store: Store | None = None) -> None:
         self.settings = settings
+        self.store = store if store is not None else settings_store(settings)
         self.metrics = metrics
         self.predlog = predlog
         self.deploy = deploy or DeployConfig()
@@ -94,7 +97,7 @@ class ModelServer:
 
     def _read_state(self) -> DeployState:
         try:
-            return load_state(self.settings.data_dir)
+            return load_state(self.store)
         except DeployConfigError as exc:
             log.error("%s; keeping the rollback state in memory", exc.message)
             return getattr(self, "state", DeployState())
@@ -169,8 +172,8 @@ class ModelServer:
         record = RollbackRecord(version=version, reason=reason, figures=figures or {},
                                 at=datetime.now(timezone.utc), by=by)  # type: ignore[arg-type]
         try:
-            self.state = record_rollback(self.settings.data_dir, name, record)
-        except OSError as exc:  # the rollback still happens in this worker; say why it may not survive a restart
+            self.state = record_rollback(self.store, name, record)
+        except Exception as exc:  # noqa: BLE001 - store away or state unreadable: the rollback still happens here
             log.error("could not persist the rollback of %s:%s: %s", name, version, exc)
             self.state.rollbacks[name] = record
         self.models = {**self.models, name: dataclasses.replace(entry, canary_traffic=0.0)}

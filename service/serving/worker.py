@@ -8,16 +8,16 @@ HTTP or BentoML (the worker's label comes in from outside).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 from monitoring.metrics import ProcessSampler, VigilMetrics, live_worker_pids
 from monitoring.predlog import PredictionLog
+from monitoring.store import Store, settings_store
 from service.core.errors import Conflict, ModelNotFound
+from service.core.requestid import RequestIds, new_token
 from service.core.settings import Settings
 from service.feedback import FeedbackService
 from service.serving.control import ControlLoop
@@ -50,24 +50,32 @@ class Worker:
         worker.stop()           # stops them in reverse order; buffered log rows are written
     """
 
-    def __init__(self, settings: Settings, label: str = "0") -> None:
+    def __init__(self, settings: Settings, label: str = "0", store: Store | None = None) -> None:
         self.settings = settings
         self.label = label
+        self.store = store if store is not None else settings_store(settings)
+        # One random token per process: it starts every request id and names every log segment this
+        # worker writes, so any replica knows who served a request, and keys never collide across hosts.
+        self.token = new_token()
         self.metrics = VigilMetrics(flush_seconds=settings.metrics_flush_seconds) if settings.metrics_enabled else None
         self.predlog = PredictionLog(
-            settings.data_dir, label, self.metrics, flush_interval=settings.predlog_flush_seconds,
+            self.store, label, self.metrics, flush_interval=settings.predlog_flush_seconds,
             max_buffer_rows=settings.predlog_buffer_rows, pii_salt=settings.pii_salt,
-            sample_rate=settings.predlog_sample_rate,
+            sample_rate=settings.predlog_sample_rate, token=self.token,
         ) if settings.predlog_enabled else None
-        self.server = ModelServer(settings, self.metrics, self.predlog, _initial_deploy(settings))
-        self.feedback = FeedbackService(settings.data_dir, self.metrics)
+        self.server = ModelServer(settings, self.metrics, self.predlog, _initial_deploy(settings), self.store)
+        self.feedback = FeedbackService(
+            self.store, self.metrics, self.token, match_seconds=settings.feedback_match_seconds,
+            window_seconds=settings.request_timeout_seconds + 2 * settings.predlog_flush_seconds + LOG_MARGIN_SECONDS,
+            targets=self.server.feedback_targets, label=label)
         self.control = ControlLoop(self.server, settings.control_interval_seconds)
         self.sampler = (ProcessSampler(self.metrics, label, settings.process_sample_seconds)
                         if self.metrics is not None else None)
-        # Request ids: a random per-worker prefix and a counter (uuid4() asks the kernel for
-        # randomness on every request, which costs more than the id is worth).
-        self._id_prefix = secrets.token_hex(8)
-        self._ids = itertools.count()
+        # A clock read and a counter: uuid4() asks the kernel for randomness on every request,
+        # which costs more than the id is worth.
+        self._ids = RequestIds(self.token)
+        self.next_request_id: Callable[[], str] = self._ids.next
+        """A new request id: this worker's token, the serving time, a counter (:mod:`service.core.requestid`)."""
         self._started = False
 
     def parts(self) -> list[Part]:
@@ -75,6 +83,7 @@ class Worker:
         parts: list[Part] = [("control loop", self.control.start, self.control.stop)]
         if self.predlog is not None:
             parts.append(("prediction log writer", self.predlog.start, self.predlog.close))
+        parts.append(("feedback settler", self.feedback.start, self.feedback.stop))
         if self.sampler is not None:
             parts.append(("process sampler", self.sampler.start, self.sampler.stop))
         if self.metrics is not None:
@@ -83,7 +92,9 @@ class Worker:
         return parts
 
     def start(self) -> None:
-        """Load every model the deploy config names (failures answered by fallbacks), then start every part."""
+        """Register the worker's token in the store, load every model the deploy config names (failures
+        answered by fallbacks), then start every part."""
+        self.feedback.register()
         self.server.load_all()
         for _, start, _ in self.parts():
             start()
@@ -97,10 +108,6 @@ class Worker:
                 stop()
             except Exception:  # noqa: BLE001 - one part failing to stop must not keep the others running
                 log.exception("stopping the %s failed", name)
-
-    def next_request_id(self) -> str:
-        """A new request id, unique across this worker's lifetime and, by its random prefix, across workers."""
-        return f"{self._id_prefix}{next(self._ids):016x}"
 
     # ------------------------------------------------------------------ readiness
 
@@ -152,9 +159,13 @@ class Worker:
             edit_deploy(self.settings.deploy, lambda doc: promoted.append(promote(doc, model)))
         except DeployConfigError as exc:
             raise Conflict(exc.message) from None
-        clear_rollback(self.settings.data_dir, model)
+        clear_rollback(self.store, model)
         self.server.reload()
         return promoted[0]
+
+
+LOG_MARGIN_SECONDS = 10.0
+"""Added to the request timeout and two flush intervals: the longest a served row takes to reach the store."""
 
 
 def _initial_deploy(settings: Settings) -> DeployConfig:

@@ -1,4 +1,4 @@
-"""Ground truth through the real service: feedback joined to logged predictions, exact live metrics.
+"""Ground truth through the real service: feedback accepted at once, joined to logged predictions, exact live metrics.
 
 The server (2 workers) is shared by the module's tests: counts are read as deltas, and waited for,
 since the worker that took the feedback may not be the one answering /metrics.
@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pandas as pd
 import pytest
 
-from tests.servers import VigilServer, metric_value, vigil_server, wait_for_value
+from tests.servers import VigilServer, metric_value, vigil_server, wait_for, wait_for_value
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +76,11 @@ def test_classification_feedback_counts_exactly(server: VigilServer, example_reg
     second = serve(server, "cancer", features(frame.iloc[8:]))
     predicted = [p["label"] for p in first["predictions"] + second["predictions"]]
 
+    # Sent right after the response: accepted at once, counted when the prediction reaches the log.
     whole = feedback(server, {"model": "cancer", "request_id": first["request_id"], "actuals": truth[:8]})
-    assert whole == {"model": "cancer", "accepted": 8, "duplicates": 0}
+    assert {k: whole[k] for k in ("model", "accepted", "duplicates")} == {"model": "cancer", "accepted": 8,
+                                                                          "duplicates": 0}
+    assert 0 <= whole["pending"] <= 8
     again = feedback(server, {"model": "cancer", "request_id": first["request_id"], "actuals": truth[:8]})
     assert again["accepted"] == 0 and again["duplicates"] == 8
     partial = feedback(server, {"model": "cancer", "items": [
@@ -135,3 +138,16 @@ def test_regression_feedback_observes_errors(server: VigilServer, example_regist
     error = feedback(server, {"model": "diabetes", "request_id": served["request_id"], "actuals": ["x"] * 5},
                      expect=422)["error"]
     assert "number" in error["details"][0]["problem"]
+
+
+def test_the_local_default_keeps_everything_under_the_data_dir(server: VigilServer, example_registry: Path) -> None:
+    """Without VIGIL_STORE the store is VIGIL_DATA_DIR, as on one machine: log, feedback, workers."""
+    frame = reference(example_registry, "cancer").head(1)
+    served = serve(server, "cancer", features(frame))
+    assert feedback(server, {"model": "cancer", "request_id": served["request_id"],
+                             "actuals": frame["target"].tolist()})["accepted"] == 1
+    var = server.home / "var"
+    wait_for(lambda: any(served["request_id"][:12] in p.name
+                         for p in var.glob("predlog/model=cancer/date=*/hour=*/part-*.parquet")), timeout=30)
+    assert list(var.glob("feedback/model=cancer/date=*/fb-*.parquet"))
+    assert len(list(var.glob("workers/*.json"))) == 2  # one per worker process, each with its own token

@@ -176,7 +176,7 @@ def test_regressor_through_tritonclient_equals_onnxruntime(client: triton.Infere
     np.testing.assert_array_equal(result.as_numpy("value"), values[:, 0].astype(np.float64))
     answer = result.get_response()
     assert answer["model_version"] == "1" and answer["parameters"]["variants"] == ["stable"] * 64
-    assert len(answer["id"]) == 32  # the worker's own request id when the client sends none
+    assert answer["id"] == answer["parameters"]["request_id"]  # the worker's own request id when the client sends none
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
@@ -318,25 +318,26 @@ def test_canary_split_is_sticky_by_key_exactly_like_predict(server: VigilServer,
 
 
 def test_feedback_by_the_request_id(server: VigilServer, registry: Path) -> None:
+    """The client's own ``id`` is echoed; feedback takes the id Vigil issued (``parameters.request_id``)."""
     frame = pd.read_parquet(registry / "diabetes" / "1" / "reference.parquet").head(3)
     x = frame.drop(columns=["target", "prediction"]).to_numpy(np.float32)
     header = {"id": "oip-feedback-1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 10],
                                                   "parameters": {"binary_data_size": x.nbytes}}]}
     answer = post_binary(server, "/v2/models/diabetes/infer", header, x.tobytes())
-    assert answer.status_code == 200 and answer.headers["x-request-id"] == "oip-feedback-1"
+    assert answer.status_code == 200
+    length = int(answer.headers.get("inference-header-content-length", len(answer.content)))
+    echoed = orjson.loads(answer.content[:length])
+    issued = echoed["parameters"]["request_id"]
+    assert echoed["id"] == "oip-feedback-1" and answer.headers["x-request-id"] == issued != "oip-feedback-1"
+    refused = server.post("/feedback", json={"model": "diabetes", "request_id": "oip-feedback-1",
+                                             "actuals": frame["target"].tolist()})
+    assert refused.status_code == 404 and "parameters.request_id" in refused.text
     generated = server.post("/v2/models/diabetes/infer", json={"inputs": [
         {"name": "input", "datatype": "FP32", "shape": [1, 10], "data": x[0].tolist()}]}).json()["id"]
-    for request_id, actuals in (("oip-feedback-1", frame["target"].tolist()), (generated, [100.0])):
-        accepted: list[dict[str, Any]] = []
-
-        def joined(request_id: str = request_id, actuals: list[float] = actuals) -> bool:
-            response = server.post("/feedback", json={"model": "diabetes", "request_id": request_id,
-                                                      "actuals": actuals})
-            accepted.append(response.json())
-            return response.status_code == 200  # 404 until the prediction log has the rows
-
-        wait_for(joined, timeout=20, interval=0.3)
-        assert accepted[-1] == {"model": "diabetes", "accepted": len(actuals), "duplicates": 0}
+    for request_id, actuals in ((issued, frame["target"].tolist()), (generated, [100.0])):
+        response = server.post("/feedback", json={"model": "diabetes", "request_id": request_id, "actuals": actuals})
+        assert response.status_code == 200  # accepted at once, before the prediction log has flushed
+        assert response.json() == {"model": "diabetes", "accepted": len(actuals), "duplicates": 0}
 
 
 def test_metrics_are_exact_and_labels_bounded(server: VigilServer, registry: Path) -> None:

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from service.core import files
+from monitoring.store import CHANGES_KEY
 from service.serving.deploy import (
+    STATE_KEY,
     CanaryConfig,
     DeployConfig,
     DeployConfigError,
@@ -29,7 +31,6 @@ from service.serving.deploy import (
     record_rollback,
     rollback_to,
     set_canary,
-    state_path,
 )
 
 # ---------------------------------------------------------------------- reading deploy.yaml
@@ -159,7 +160,8 @@ def test_a_canary_serves_its_share_until_that_version_is_rolled_back() -> None:
 
 
 def test_the_rollback_state_lives_in_the_data_dir(tmp_path: Path) -> None:
-    assert state_path(tmp_path) == tmp_path / "deploy_state.json"
+    record_rollback(tmp_path, "cancer", record("4"))
+    assert (tmp_path / "deploy_state.json").is_file()
 
 
 def test_no_state_file_means_no_rollbacks(tmp_path: Path) -> None:
@@ -177,15 +179,16 @@ def test_a_rollback_is_recorded_durably_and_read_back(tmp_path: Path, monkeypatc
     assert load_state(data_dir) == state
     record_rollback(data_dir, "diabetes", record("2", by="operator"))
     assert load_state(data_dir).rollbacks == {"cancer": record("4"), "diabetes": record("2", by="operator")}
-    assert [p.name for p in data_dir.iterdir()] == ["deploy_state.json"]   # no temporary file left behind
-    assert state_path(data_dir).read_text().startswith('{\n  "rollbacks": {\n    "cancer": {\n')  # for operators
+    # no temporary file left behind: the state, the directory's lock and the change marker the workers poll
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted([STATE_KEY, ".lock", CHANGES_KEY])
+    assert (data_dir / STATE_KEY).read_text().startswith('{\n  "rollbacks": {\n    "cancer": {\n')  # for operators
 
 
 def test_clearing_a_rollback_keeps_the_state_file_readable(tmp_path: Path) -> None:
     record_rollback(tmp_path, "cancer", record("4"))
     record_rollback(tmp_path, "diabetes", record("2"))
     clear_rollback(tmp_path, "cancer")
-    assert state_path(tmp_path).read_text().startswith('{\n  "rollbacks": {\n    "diabetes": {\n')
+    assert (tmp_path / STATE_KEY).read_text().startswith('{\n  "rollbacks": {\n    "diabetes": {\n')
 
 
 def test_clearing_a_rollback_forgets_only_that_model(tmp_path: Path) -> None:
@@ -197,14 +200,14 @@ def test_clearing_a_rollback_forgets_only_that_model(tmp_path: Path) -> None:
 
 def test_clearing_what_was_never_rolled_back_writes_nothing(tmp_path: Path) -> None:
     clear_rollback(tmp_path / "data", "cancer")
-    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "data" / STATE_KEY).exists() and not (tmp_path / "data" / CHANGES_KEY).exists()
 
 
 def test_an_unreadable_state_file_is_reported(tmp_path: Path) -> None:
-    state_path(tmp_path).write_text("{not json")
+    (tmp_path / STATE_KEY).write_text("{not json")
     with pytest.raises(DeployConfigError) as info:
         load_state(tmp_path)
-    assert info.value.message.startswith(f"cannot read rollback state {state_path(tmp_path)}: ")
+    assert info.value.message.startswith(f"cannot read rollback state {(tmp_path / STATE_KEY)}: ")
 
 
 # ---------------------------------------------------------------------- editing deploy.yaml

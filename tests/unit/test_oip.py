@@ -217,5 +217,5 @@ def test_integer_labels_are_int64_and_metadata_gives_the_class_order() -> None:
 
 
 def test_each_instance_says_its_variant_and_reason() -> None:
-    assert oip.instance_parameters("2", "canary", [None, "invalid_output"]) == {
-        "versions": ["2", "2"], "variants": ["canary", "fallback"], "reasons": [None, "invalid_output"]}
+    assert oip.instance_parameters("2", "canary", [None, "invalid_output"], "rid") == {
+        "request_id": "rid", "versions": ["2", "2"], "variants": ["canary", "fallback"], "reasons": [None, "invalid_output"]}
