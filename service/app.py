@@ -87,6 +87,18 @@ class Vigil:
         """Every registered model: version, task, features, sha256, load time, or why it is not ready."""
         return await self.handlers.models(request)
 
+    @http.get("/canary/{model}", summary="The fleet's decision on a model's canary, for rollout tools",
+              responses=ERRORS)
+    async def canary(self, request: Request, model: str) -> Response:
+        """``phase`` (``none``, ``progressing``, ``rolled_back``, ``promoted``), ``healthy`` and the pooled figures."""
+        return await self.handlers.canary(request)
+
+    @http.api_route("/canary/{model}/gate", methods=["GET", "POST"], responses=ERRORS,
+                    summary="200 while the canary is healthy, 412 once rolled back (a Flagger webhook)")
+    async def canary_gate(self, request: Request, model: str) -> Response:
+        """Flagger's webhooks pass on any 2xx and halt the rollout on anything else."""
+        return await self.handlers.canary(request)
+
     @http.get("/metrics", summary="Prometheus metrics of every worker", responses=METRICS_RESPONSES)
     async def metrics_endpoint(self, request: Request) -> Response:
         """The ``vigil_`` families, merged over all workers (Prometheus multiprocess mode)."""

@@ -213,7 +213,7 @@ def deploy_status(
     registry: Optional[Path] = RegistryOption,
     url: str = UrlOption,
 ) -> None:
-    """Stable, canary, traffic, live comparison figures and the last rollback of every model."""
+    """Stable (with the fleet's promotion, if any), canary, traffic, live comparison figures and the last rollback."""
     import httpx
 
     from service.registry.store import Registry
@@ -235,6 +235,10 @@ def deploy_status(
         policy = config.policy(name)
         stable = policy.stable or (reg.versions(name) or ["-"])[-1]
         canary = policy.canary.version if policy.canary else "-"
+        promotion = state.promoted(name, stable)
+        if promotion is not None:
+            stable = f"{promotion.version} (promoted from {promotion.previous} at {promotion.at:%Y-%m-%d %H:%M:%S})"
+            canary = "-" if canary == promotion.version else canary
         traffic = f"{state.canary_traffic(name, policy):.2f}" + (f" (of {policy.canary.traffic:.2f})" if policy.canary else "")
         figures = "-"
         comparison = (live.get(name, {}).get("canary") or {}).get("comparison")

@@ -156,6 +156,9 @@ class MetricFamilies(DeferredChildren):
         self.rollbacks = Counter(
             "vigil_rollbacks", "Canary rollbacks, by the rule that was breached (or 'manual').",
             ["model", "version", "reason"], registry=r)
+        self.promotions = Counter(
+            "vigil_promotions", "Canaries promoted to stable by the fleet's decision (promote_when), once per fleet.",
+            ["model", "version"], registry=r)
         self.canary_traffic = Gauge(
             "vigil_canary_traffic_ratio", "Share of requests routed to the canary version (0 once rolled back).",
             ["model", "version"], multiprocess_mode="livemax", registry=r)

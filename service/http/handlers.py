@@ -156,6 +156,13 @@ class Handlers:
         return json_response({"models": self.server.describe()})
 
     @answers_errors
+    async def canary(self, request: Request) -> Response:
+        """``GET /canary/{model}``: the fleet's decision; ``.../gate`` answers 412 once the canary is rolled back."""
+        status = await anyio.to_thread.run_sync(self.server.canary_status, request.path_params["model"])
+        gate = request.url.path.endswith("/gate")
+        return json_response(status, 412 if gate and not status["healthy"] else 200)
+
+    @answers_errors
     async def metrics_text(self, request: Request) -> Response:
         """``GET /metrics``: the ``vigil_`` families merged over all workers (Prometheus multiprocess mode)."""
         if self.metrics is not None:

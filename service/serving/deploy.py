@@ -56,6 +56,19 @@ class RollbackRules(BaseModel):
     """A regression answer counts as wrong when off by more than this share of the reference prediction range."""
 
 
+class PromoteRules(BaseModel):
+    """When a canary that breaches no rule has shown enough evidence to become stable (``promote_when``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_requests: int = Field(1000, ge=1)
+    """Canary requests, pooled over the fleet, before it can be promoted."""
+    min_duration_seconds: float = Field(0.0, ge=0)
+    """Time since the canary started before it can be promoted."""
+    min_labelled: int = Field(0, ge=0)
+    """Answers of each variant with feedback needed first (0: promote without ground truth)."""
+
+
 class CanaryConfig(BaseModel):
     """A candidate version receiving a share of the traffic."""
 
@@ -65,6 +78,8 @@ class CanaryConfig(BaseModel):
     traffic: float = Field(0.1, ge=0, le=1)
     sticky: bool = True
     rollback_when: RollbackRules = Field(default_factory=RollbackRules)
+    promote_when: PromoteRules | None = None
+    """Promote the canary to stable on its own once it has proven itself; None: only an operator promotes."""
 
 
 class BreakerConfig(BaseModel):
@@ -195,10 +210,25 @@ class RollbackRecord(BaseModel):
     by: Literal["monitor", "operator"] = "monitor"
 
 
+class PromotionRecord(BaseModel):
+    """A canary the fleet promoted: it serves as stable while the config still names ``previous`` as stable."""
+
+    version: str
+    previous: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    at: datetime
+
+
 class DeployState(BaseModel):
-    """What the service decided on its own, kept under ``VIGIL_DATA_DIR`` so it survives restarts."""
+    """What the service decided on its own, kept in the store so it survives restarts and reaches every replica."""
 
     rollbacks: dict[str, RollbackRecord] = Field(default_factory=dict)
+    promotions: dict[str, PromotionRecord] = Field(default_factory=dict)
+
+    def promoted(self, model: str, configured_stable: str) -> PromotionRecord | None:
+        """The promotion that replaces ``configured_stable``, if any: a config naming another stable wins."""
+        record = self.promotions.get(model)
+        return record if record is not None and record.previous == configured_stable else None
 
     def canary_traffic(self, model: str, policy: ModelPolicy) -> float:
         """The canary's effective traffic share: 0 once that canary version was rolled back."""
@@ -248,6 +278,16 @@ def record_rollback(store: Store | Path, model: str, record: RollbackRecord) -> 
 
     def add(state: DeployState) -> bool:
         state.rollbacks[model] = record
+        return True
+
+    return _change_state(store, add)
+
+
+def record_promotion(store: Store | Path, model: str, record: PromotionRecord) -> DeployState:
+    """Add a promotion to the stored state (atomic); returns the new state."""
+
+    def add(state: DeployState) -> bool:
+        state.promotions[model] = record
         return True
 
     return _change_state(store, add)

@@ -14,13 +14,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from monitoring.canary import Breach, CanaryComparison
+from monitoring.canary import CanaryComparison, CanaryPool, look_z
 from monitoring.metrics import VigilMetrics
 from monitoring.predlog import PredictionLog
 from monitoring.store import Store, settings_store
 from monitoring.verdicts import DriftResult, PerformanceResult
 from service.core.card import ModelCard
 from service.core.errors import Conflict, ModelNotFound, ModelNotReady, VigilError
+from service.core.requestid import new_token
 from service.core.settings import Settings
 from service.core.predictor import Batch
 from service.inputs import InputQuality, InstanceValidator, PredictRequest
@@ -30,10 +31,12 @@ from service.serving.deploy import (
     DeployConfig,
     DeployConfigError,
     DeployState,
+    PromotionRecord,
     RollbackRecord,
     check_versions,
     load_deploy,
     load_state,
+    record_promotion,
     record_rollback,
 )
 from service.serving.loading import VersionLoader
@@ -51,9 +54,11 @@ class ModelServer:
 
     def __init__(self, settings: Settings, metrics: VigilMetrics | None,
                  predlog: PredictionLog | None = None, deploy: DeployConfig | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, token: str | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else settings_store(settings)
+        self.pool = CanaryPool(self.store, token or new_token())
+        """Every worker's canary figures and the fleet's one decision, in the store."""
         self.metrics = metrics
         self.predlog = predlog
         self.deploy = deploy or DeployConfig()
@@ -112,6 +117,11 @@ class ModelServer:
             except VigilError as exc:
                 models[name] = ModelEntry(name=name, policy=policy, error=exc.message)
                 continue
+            promotion = state.promoted(name, stable_version)
+            if promotion is not None:
+                stable_version = promotion.version
+                if policy.canary is not None and policy.canary.version == promotion.version:
+                    policy = policy.model_copy(update={"canary": None})
             stable = self.loader.served(name, stable_version, "stable", policy)
             if stable is None:
                 models[name] = ModelEntry(name=name, policy=policy, error=self.loader.error(name, stable_version))
@@ -151,17 +161,89 @@ class ModelServer:
 
     # ------------------------------------------------------------------ canary
 
-    def check_canaries(self) -> list[tuple[str, Breach]]:
-        """Compare every live canary with its stable version; roll back those that breach their rules."""
-        rolled = []
+    def check_canaries(self) -> list[tuple[str, str]]:
+        """Publish this worker's canary figures; judge the fleet's pooled figures at the next look.
+
+        Every worker publishes; the one whose compare-and-swap makes a look judges it
+        (:class:`monitoring.canary.CanaryPool`), so a rollback or promotion happens once for
+        the fleet. It is recorded in the deploy state, which every worker reloads.
+        Returns ``(model, verdict)`` of the decisions this worker made.
+        """
+        decided = []
         for name, entry in list(self.models.items()):
-            if entry.comparison is None or entry.canary_traffic <= 0 or entry.policy.canary is None:
+            canary = entry.policy.canary
+            if entry.comparison is None or entry.canary_traffic <= 0 or canary is None:
                 continue
-            breach = entry.comparison.evaluate(entry.policy.canary.rollback_when)
-            if breach is not None:
-                self.rollback(name, breach.reason, breach.figures, by="monitor")
-                rolled.append((name, breach))
-        return rolled
+            comparison = entry.comparison
+            try:
+                self.pool.publish(comparison)
+                pooled = self.pool.pooled(name, comparison.pair) or comparison
+                decision = self.pool.look(name, comparison.pair, pooled, canary.rollback_when,
+                                          lambda look, c=pooled, k=canary: self._judge(c, k, look))
+            except Exception as exc:  # noqa: BLE001 - store away: the next round tries again
+                log.error("canary of %s: cannot reach the pooled figures: %s", name, exc)
+                continue
+            if decision is None:
+                continue
+            if decision.verdict == "rolled_back":
+                self.rollback(name, decision.reason or "monitor", decision.figures, by="monitor")
+            else:
+                self.promote(name, decision.figures)
+            decided.append((name, decision.verdict))
+        return decided
+
+    @staticmethod
+    def _judge(pooled: CanaryComparison, canary: Any, look: int) -> tuple[str, str | None, dict[str, Any]] | None:
+        z = look_z(look)
+        breach = pooled.evaluate(canary.rollback_when, z=z)
+        if breach is not None:
+            return "rolled_back", breach.reason, {**breach.figures, "look": look, "z": round(z, 3)}
+        if canary.promote_when is not None:
+            evidence = pooled.proven(canary.rollback_when, canary.promote_when, z)
+            if evidence is not None:
+                return "promoted", None, {**evidence, "look": look}
+        return None
+
+    def promote(self, name: str, evidence: dict[str, Any]) -> PromotionRecord:
+        """Make the canary of ``name`` stable for the fleet: recorded in the deploy state, exported, logged."""
+        entry = self.models[name]
+        assert entry.canary is not None and entry.stable is not None
+        record = PromotionRecord(version=entry.canary.card.version, previous=entry.stable.card.version,
+                                 evidence=evidence, at=datetime.now(timezone.utc))
+        self.state = record_promotion(self.store, name, record)
+        if self.metrics is not None:
+            self.metrics.promotions.labels(name, record.version).inc()
+        log.warning("canary %s:%s promoted to stable (replaces %s): %s", name, record.version, record.previous,
+                    _short(evidence))
+        self.reload()
+        return record
+
+    def canary_status(self, name: str) -> dict[str, Any]:
+        """What ``GET /canary/{model}`` answers: the fleet's decision on the model's canary and the pooled figures."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"no model named '{name}'; registered: {', '.join(sorted(self.models)) or 'none'}")
+        out: dict[str, Any] = {"model": name, "stable_version": entry.stable.card.version if entry.stable else None}
+        promotion = self.state.promotions.get(name)
+        comparison = entry.comparison
+        if comparison is None:
+            phase = "promoted" if promotion is not None and entry.stable is not None \
+                and promotion.version == entry.stable.card.version else "none"
+            out.update(phase=phase, canary_version=None, healthy=True,
+                       promotion=promotion.model_dump(mode="json") if phase == "promoted" and promotion else None)
+            return out
+        decision = self.pool.decision(name, comparison.pair)
+        pooled = self.pool.pooled(name, comparison.pair) or comparison
+        rolled = self.state.rollbacks.get(name)
+        if rolled is not None and rolled.version == comparison.canary_version:
+            phase = "rolled_back"
+        else:
+            phase = {"observing": "progressing"}.get(decision.verdict, decision.verdict)
+        out.update(phase=phase, canary_version=comparison.canary_version, traffic=entry.canary_traffic,
+                   healthy=phase != "rolled_back", looks=decision.looks, reason=decision.reason or
+                   (rolled.reason if phase == "rolled_back" and rolled else None),
+                   pooled=pooled.summary())
+        return out
 
     def rollback(self, name: str, reason: str, figures: dict[str, Any] | None = None, by: str = "operator") -> RollbackRecord:
         """Turn the canary of ``name`` off, durably: recorded in the state file, exported, logged."""
@@ -236,6 +318,9 @@ class ModelServer:
             rollback = self.state.rollbacks.get(name)
             if rollback is not None:
                 item["last_rollback"] = rollback.model_dump(mode="json")
+            promotion = self.state.promotions.get(name)
+            if promotion is not None and promotion.version == card.version:
+                item["promotion"] = promotion.model_dump(mode="json")
             out.append(item)
         return out
 

@@ -63,7 +63,8 @@ class Worker:
             max_buffer_rows=settings.predlog_buffer_rows, pii_salt=settings.pii_salt,
             sample_rate=settings.predlog_sample_rate, token=self.token,
         ) if settings.predlog_enabled else None
-        self.server = ModelServer(settings, self.metrics, self.predlog, _initial_deploy(settings), self.store)
+        self.server = ModelServer(settings, self.metrics, self.predlog, _initial_deploy(settings), self.store,
+                                  token=self.token)
         self.feedback = FeedbackService(
             self.store, self.metrics, self.token, match_seconds=settings.feedback_match_seconds,
             window_seconds=settings.request_timeout_seconds + 2 * settings.predlog_flush_seconds + LOG_MARGIN_SECONDS,

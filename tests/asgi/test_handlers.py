@@ -213,3 +213,14 @@ async def test_non_finite_literals_name_the_field(vigil_app: AppFactory, registr
     async with vigil_app() as client:
         error = error_of(await client.post("/predict", content=body, headers=JSON), 422, "invalid_input")
         assert error["details"][0]["instance"] == 0 and error["details"][0]["field"] == "mean radius"
+
+
+async def test_canary_verdict_of_a_model_without_canary_and_of_an_unknown_one(vigil_app: AppFactory) -> None:
+    async with vigil_app() as client:
+        verdict = await client.get("/canary/cancer")
+        assert verdict.status_code == 200, verdict.text
+        assert verdict.json() | {"stable_version": None} == {"model": "cancer", "stable_version": None,
+                                                             "phase": "none", "canary_version": None,
+                                                             "healthy": True, "promotion": None}
+        assert (await client.post("/canary/cancer/gate")).status_code == 200
+        error_of(await client.get("/canary/nope"), 404, "model_not_found")

@@ -61,10 +61,13 @@ def deploy(tmp_path: Path) -> Path:
     return tmp_path / "deploy.yaml"
 
 
-def write_deploy(path: Path, canary: str | None, traffic: float = 0.5, sticky: bool = True) -> None:
+def write_deploy(path: Path, canary: str | None, traffic: float = 0.5, sticky: bool = True,
+                 promote_when: dict[str, Any] | None = None) -> None:
     model: dict[str, Any] = {"stable": "1"}
     if canary is not None:
         model["canary"] = {"version": canary, "traffic": traffic, "sticky": sticky, "rollback_when": RULES}
+        if promote_when is not None:
+            model["canary"]["promote_when"] = promote_when
     tmp = path.with_suffix(".tmp")
     tmp.write_text("# canary test config\n" + yaml.safe_dump({"models": {"diabetes": model}}))
     os.replace(tmp, path)
@@ -119,6 +122,37 @@ def test_healthy_canary_keeps_its_share(server_factory: Any, deploy: Path, rows:
         assert len(sticky) == 1
 
 
+def test_proven_canary_is_promoted_once_and_shown(server_factory: Any, deploy: Path, registry: Path,
+                                                 rows: list[dict[str, Any]], tmp_path: Path) -> None:
+    """Version 2 is the same model registered again: it passes every rule and becomes stable on its own."""
+    write_deploy(deploy, "2", traffic=0.5, sticky=False, promote_when={"min_requests": 60})
+    with server_factory() as server:
+        assert server.get("/canary/diabetes").json()["phase"] == "progressing"
+        assert server.get("/canary/diabetes/gate").status_code == 200
+        for _ in range(20):
+            send(server, rows, 40)
+            if server.get("/canary/diabetes").json()["phase"] == "promoted":
+                break
+        wait_for(lambda: server.get("/canary/diabetes").json()["phase"] == "promoted",
+                 what=lambda: f"not promoted: {server.get('/canary/diabetes').json()}")
+        verdict = server.get("/canary/diabetes").json()
+        assert verdict["stable_version"] == "2" and verdict["healthy"]
+        promotion = verdict["promotion"]
+        assert (promotion["version"], promotion["previous"]) == ("2", "1")
+        assert promotion["evidence"]["canary"]["requests"] >= 60
+        assert set(promotion["evidence"]["upper_bounds"]) == {"error_rate", "fallback_rate"}
+        wait_for(lambda: {a["version"] for a in send(server, rows, 20)} == {"2"})  # every worker serves it
+        listed = {m["name"]: m for m in server.get("/models").json()["models"]}["diabetes"]
+        assert listed["version"] == "2" and "canary" not in listed and listed["promotion"]["previous"] == "1"
+        text = server.metrics_text()
+        assert metric_value(text, "vigil_promotions_total", model="diabetes", version="2") == 1
+        assert metric_value(text, "vigil_rollbacks_total", model="diabetes") in (None, 0)
+        status = CliRunner().invoke(cli, ["deploy", "status", "--deploy", str(deploy), "--registry", str(registry),
+                                          "--data-dir", str(tmp_path / "var"), "--url", server.url],
+                                    env={"COLUMNS": "200"})
+        assert status.exit_code == 0 and "promoted from 1" in status.output, status.output
+
+
 @pytest.mark.parametrize(
     ("version", "reason", "change"),
     [("3", "prediction_shift", None), ("4", "error_rate", {"sex": 3.0}), ("5", "latency", None)],
@@ -142,6 +176,10 @@ def test_bad_canary_is_rolled_back_and_stays_off_after_restart(
         text = server.metrics_text()
         assert metric_value(text, "vigil_rollbacks_total", model="diabetes", version=version, reason=reason) == 1
         assert metric_value(text, "vigil_canary_traffic_ratio", model="diabetes", version=version) == 0
+        verdict = server.get("/canary/diabetes").json()
+        assert (verdict["phase"], verdict["healthy"], verdict["canary_version"]) == ("rolled_back", False, version)
+        assert verdict["reason"] == reason and verdict["looks"] >= 1
+        assert server.get("/canary/diabetes/gate").status_code == 412  # a Flagger webhook halts the rollout
     state = json.loads((tmp_path / "var" / "deploy_state.json").read_text())
     assert state["rollbacks"]["diabetes"]["version"] == version
     with server_factory() as restarted:
