@@ -159,6 +159,14 @@ class MetricFamilies(DeferredChildren):
         self.promotions = Counter(
             "vigil_promotions", "Canaries promoted to stable by the fleet's decision (promote_when), once per fleet.",
             ["model", "version"], registry=r)
+        self.canary_phase = Gauge(
+            "vigil_canary_phase", "Each model's canary as this worker routes it: 0 none, 1 progressing, "
+            "2 rolled back, 3 promoted. Workers that disagree have not all taken the fleet's decision.",
+            ["model"], multiprocess_mode="liveall", registry=r)
+        self.deploy_routing_hash = Gauge(
+            "vigil_deploy_routing_hash", "A 48-bit digest of the routing this worker serves (every model's stable, "
+            "canary and canary share): equal on every worker and replica that serve the same deploy config and state.",
+            multiprocess_mode="liveall", registry=r)
         self.canary_traffic = Gauge(
             "vigil_canary_traffic_ratio", "Share of requests routed to the canary version (0 once rolled back).",
             ["model", "version"], multiprocess_mode="livemax", registry=r)

@@ -8,6 +8,7 @@ answering, routing, verdicts), so tests can call it without a server.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -45,6 +46,9 @@ from service.serving.verdicts import apply_drift, apply_quality
 
 log = logging.getLogger("vigil.serving")
 
+CANARY_PHASES = ("none", "progressing", "rolled_back", "promoted")
+"""The values of ``vigil_canary_phase``, by position."""
+
 Validate = Callable[[InstanceValidator], tuple[Batch, InputQuality, list[dict[str, Any]] | None]]
 """Decoded inputs checked by a version's validator: its batch, input quality, and the instances to log (or None)."""
 
@@ -76,6 +80,7 @@ class ModelServer:
             self.state = state
             self.models = self._build(self.deploy, state)
             self._unload_unused()
+            self._export_routing()
         if not self.models:
             log.warning("no models registered in %s", self.registry.root)
 
@@ -93,7 +98,39 @@ class ModelServer:
             models = self._build(config, state)
             self.deploy, self.state, self.models = config, state, models
             self._unload_unused()
+            self._export_routing()
             return config
+
+    def routing_hash(self) -> int:
+        """A 48-bit digest of what this worker serves (each model's stable, canary and canary share).
+
+        Exported as ``vigil_deploy_routing_hash``: replicas that serve the same routing export the same
+        number, so an alert can see replicas that disagree (a config or state change one has not taken).
+        """
+        served = sorted((name, e.stable.card.version if e.stable else None,
+                         e.canary.card.version if e.canary else None, round(e.canary_traffic, 6))
+                        for name, e in self.models.items())
+        return int(hashlib.sha256(repr(served).encode()).hexdigest()[:12], 16)
+
+    def canary_phase(self, name: str) -> str:
+        """``none``, ``progressing``, ``rolled_back`` or ``promoted``: this worker's view of a model's canary."""
+        entry = self.models.get(name)
+        if entry is None or entry.stable is None:
+            return "none"
+        promotion = self.state.promotions.get(name)
+        if entry.canary is None:
+            return "promoted" if promotion is not None and promotion.version == entry.stable.card.version else "none"
+        rolled = self.state.rollbacks.get(name)
+        if rolled is not None and rolled.version == entry.canary.card.version:
+            return "rolled_back"
+        return "progressing" if entry.canary_traffic > 0 else "none"
+
+    def _export_routing(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.deploy_routing_hash.set(self.routing_hash())
+        for name in self.models:
+            self.metrics.canary_phase.labels(name).set(CANARY_PHASES.index(self.canary_phase(name)))
 
     def _unload_unused(self) -> None:
         in_use = {(entry.name, served.card.version) for entry in self.models.values()
@@ -227,18 +264,14 @@ class ModelServer:
         promotion = self.state.promotions.get(name)
         comparison = entry.comparison
         if comparison is None:
-            phase = "promoted" if promotion is not None and entry.stable is not None \
-                and promotion.version == entry.stable.card.version else "none"
+            phase = self.canary_phase(name)
             out.update(phase=phase, canary_version=None, healthy=True,
                        promotion=promotion.model_dump(mode="json") if phase == "promoted" and promotion else None)
             return out
         decision = self.pool.decision(name, comparison.pair)
         pooled = self.pool.pooled(name, comparison.pair) or comparison
         rolled = self.state.rollbacks.get(name)
-        if rolled is not None and rolled.version == comparison.canary_version:
-            phase = "rolled_back"
-        else:
-            phase = {"observing": "progressing"}.get(decision.verdict, decision.verdict)
+        phase = self.canary_phase(name)
         out.update(phase=phase, canary_version=comparison.canary_version, traffic=entry.canary_traffic,
                    healthy=phase != "rolled_back", looks=decision.looks, reason=decision.reason or
                    (rolled.reason if phase == "rolled_back" and rolled else None),
@@ -259,6 +292,7 @@ class ModelServer:
             log.error("could not persist the rollback of %s:%s: %s", name, version, exc)
             self.state.rollbacks[name] = record
         self.models = {**self.models, name: dataclasses.replace(entry, canary_traffic=0.0)}
+        self._export_routing()
         if self.metrics is not None:
             self.metrics.rollbacks.labels(name, version, reason).inc()
             self.metrics.canary_traffic.labels(name, version).set(0)
