@@ -291,7 +291,8 @@ def test_fallback_answers_with_its_reason(server: VigilServer, registry: Path) -
     body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 10], "data": x.ravel().tolist()}]}
     answer = server.post("/v2/models/diabetes/versions/4/infer", json=body).json()
     assert answer["model_version"] == "4"
-    assert answer["parameters"] == {"versions": ["4"], "variants": ["fallback"], "reasons": ["model_error"]}
+    assert answer["parameters"] == {"request_id": answer["id"], "versions": ["4"], "variants": ["fallback"],
+                                    "reasons": ["model_error"]}
     median = yaml.safe_load((registry / "diabetes" / "4" / "card.yaml").read_text())["fallback"]["value"]
     assert answer["outputs"][0]["data"] == [pytest.approx(median)]
     assert metrics(server, "vigil_fallback_total", model="diabetes", version="4", reason="model_error") == before + 1
@@ -337,7 +338,8 @@ def test_feedback_by_the_request_id(server: VigilServer, registry: Path) -> None
     for request_id, actuals in ((issued, frame["target"].tolist()), (generated, [100.0])):
         response = server.post("/feedback", json={"model": "diabetes", "request_id": request_id, "actuals": actuals})
         assert response.status_code == 200  # accepted at once, before the prediction log has flushed
-        assert response.json() == {"model": "diabetes", "accepted": len(actuals), "duplicates": 0}
+        answer = response.json()
+        assert (answer["accepted"], answer["duplicates"]) == (len(actuals), 0) and answer["pending"] <= len(actuals)
 
 
 def test_metrics_are_exact_and_labels_bounded(server: VigilServer, registry: Path) -> None:
