@@ -18,6 +18,7 @@ from monitoring.canary import (
     VariantStats,
     chi2_quantile,
     psi,
+    binomial_tail,
     rate_increase_is_significant,
 )
 from service.serving.deploy import RollbackRules
@@ -120,14 +121,26 @@ def test_all_good_or_all_bad_on_both_sides_is_no_increase(counts: tuple[int, int
 
 
 @pytest.mark.parametrize(("counts", "statistic"), [
-    ((0, 2, 2, 2), 2.0),               # pooled 0.5, standard error 0.5, difference 1
+    ((0, 30, 30, 30), 7.7459667),      # pooled 0.5, standard error sqrt(0.25 * 2/30), difference 1
     ((10, 100, 30, 100), 3.5355339),   # pooled 0.2: 0.2 / sqrt(0.2 * 0.8 * 0.02)
-    ((10, 200, 12, 100), 2.1925016),   # unequal sizes: 0.07 / sqrt(p(1-p)(1/200 + 1/100)), p = 22/300
+    ((20, 200, 24, 100), 3.2311516),   # unequal sizes: 0.14 / sqrt(p(1-p)(1/200 + 1/100)), p = 44/300
 ])
 def test_an_increase_is_significant_only_beyond_z_pooled_standard_errors(
         counts: tuple[int, int, int, int], statistic: float) -> None:
     assert rate_increase_is_significant(*counts, z=statistic - 1e-6)
     assert not rate_increase_is_significant(*counts, z=statistic + 1e-6)
+
+
+def test_few_bad_outcomes_are_judged_by_the_exact_conditional_test() -> None:
+    # 5 errors in 205 canary requests against 5 in 1,795: z = 4.2, but given 10 errors the canary's
+    # share of them is Binomial(10, 0.1025) under no difference, and 5 or more happens 0.18% of the time.
+    assert binomial_tail(5, 10, 205 / 2000) == pytest.approx(0.00183, abs=1e-5)
+    assert not rate_increase_is_significant(5, 1795, 5, 205, z=3.235)
+    assert rate_increase_is_significant(5, 1795, 5, 205, z=2.8)
+    # All 8 errors on the canary, equal traffic: 0.5 ** 8 = 0.0039.
+    assert rate_increase_is_significant(0, 1000, 8, 1000, z=2.0)
+    assert not rate_increase_is_significant(0, 1000, 8, 1000, z=3.09)
+    assert binomial_tail(0, 4, 0.3) == pytest.approx(1.0) and binomial_tail(3, 3, 1.0) == 1.0
 
 
 def test_an_increase_exactly_z_standard_errors_away_is_not_significant() -> None:
