@@ -8,7 +8,9 @@ control loop ticks every ``--tick`` fleet requests.
 
 - *per worker, every tick*: what Vigil did before: each worker judges its own
   share with a fixed z = 3.09 at every tick, and any worker's breach rolls back.
-- *pooled*: every worker's figures summed, judged at the looks of
+- *pooled, fixed z every tick*: the sum of every worker's figures, judged at every tick
+  with z = 3.09: pooling alone, without a guard against checking many times.
+- *pooled, alpha-spending looks*: what Vigil does: the sum, judged at the looks of
   :class:`~monitoring.canary.Decision` with the spending of ``look_z``.
 
 Two tables: fleet requests until a shifted canary is rolled back (median and
@@ -35,7 +37,7 @@ EDGES = list(np.linspace(0.1, 0.9, 9))
 
 
 def run(rng: np.random.Generator, *, workers: int, traffic: float, shift: float, requests: int, tick: int,
-        rules: RollbackRules, pooled: bool) -> int | None:
+        rules: RollbackRules, pooled: bool, spending: bool = True) -> int | None:
     """Fleet requests until the canary is rolled back, or None if it never is within ``requests``."""
     own = [CanaryComparison("m", "1", "2", EDGES) for _ in range(workers)]
     decision = Decision()
@@ -52,7 +54,10 @@ def run(rng: np.random.Generator, *, workers: int, traffic: float, shift: float,
             fleet = CanaryComparison.pooled("m", [c.snapshot() for c in own])
             assert fleet is not None
             requests_now = fleet.canary.requests
-            if decision.look_due(requests_now, 0, rules.min_requests, rules.min_labelled):
+            if not spending:
+                if fleet.evaluate(rules, z=Z_ONE_SIDED) is not None:
+                    return i + 1
+            elif decision.look_due(requests_now, 0, rules.min_requests, rules.min_labelled):
                 decision.looks += 1
                 decision.requests_at_last_look = requests_now
                 if fleet.evaluate(rules, z=look_z(decision.looks)) is not None:
@@ -79,10 +84,14 @@ def main() -> None:
     print("| method | shifted canary: requests to rollback, median | p90 | runs never decided "
           "| healthy canary: runs falsely rolled back |")
     print("|---|---|---|---|---|")
-    for name, pooled in (("per worker, every tick (before)", False), ("pooled, alpha-spending looks", True)):
-        times = [run(np.random.default_rng(1000 + r), shift=args.shift, pooled=pooled, **common)
+    methods = (("per worker, fixed z every tick (before)", False, False),
+               ("pooled, fixed z every tick", True, False),
+               ("pooled, alpha-spending looks (now)", True, True))
+    for name, pooled, spending in methods:
+        times = [run(np.random.default_rng(1000 + r), shift=args.shift, pooled=pooled, spending=spending, **common)
                  for r in range(args.runs)]
-        false = [run(np.random.default_rng(5000 + r), shift=0.0, pooled=pooled, **common) for r in range(args.runs)]
+        false = [run(np.random.default_rng(5000 + r), shift=0.0, pooled=pooled, spending=spending, **common)
+                 for r in range(args.runs)]
         decided = [t for t in times if t is not None]
         median = f"{np.median(decided):,.0f}" if decided else "-"
         p90 = f"{np.quantile(decided, 0.9):,.0f}" if decided else "-"
