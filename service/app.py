@@ -87,16 +87,14 @@ class Vigil:
         """Every registered model: version, task, features, sha256, load time, or why it is not ready."""
         return await self.handlers.models(request)
 
-    @http.get("/canary/{model}", summary="The fleet's decision on a model's canary, for rollout tools",
-              responses=ERRORS)
+    @http.api_route("/canary/{model:path}", methods=["GET", "POST"], responses=ERRORS,
+                    summary="The fleet's decision on a model's canary; .../gate for Flagger (412 once rolled back)")
     async def canary(self, request: Request, model: str) -> Response:
-        """``phase`` (``none``, ``progressing``, ``rolled_back``, ``promoted``), ``healthy`` and the pooled figures."""
-        return await self.handlers.canary(request)
+        """``/canary/{model}``: ``phase`` (none, progressing, rolled_back, promoted), ``healthy``, the pooled figures.
 
-    @http.api_route("/canary/{model}/gate", methods=["GET", "POST"], responses=ERRORS,
-                    summary="200 while the canary is healthy, 412 once rolled back (a Flagger webhook)")
-    async def canary_gate(self, request: Request, model: str) -> Response:
-        """Flagger's webhooks pass on any 2xx and halt the rollout on anything else."""
+        ``/canary/{model}/gate`` answers the same with 200 while healthy and 412 once rolled back: Flagger's
+        webhooks pass on any 2xx. One path route takes both, so any path under /canary gets a JSON answer.
+        """
         return await self.handlers.canary(request)
 
     @http.get("/metrics", summary="Prometheus metrics of every worker", responses=METRICS_RESPONSES)

@@ -158,8 +158,9 @@ class Handlers:
     @answers_errors
     async def canary(self, request: Request) -> Response:
         """``GET /canary/{model}``: the fleet's decision; ``.../gate`` answers 412 once the canary is rolled back."""
-        status = await anyio.to_thread.run_sync(self.server.canary_status, request.path_params["model"])
-        gate = request.url.path.endswith("/gate")
+        model = request.path_params["model"]
+        gate = model.endswith("/gate")
+        status = await anyio.to_thread.run_sync(self.server.canary_status, model.removesuffix("/gate"))
         return json_response(status, 412 if gate and not status["healthy"] else 200)
 
     @answers_errors
