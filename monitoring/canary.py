@@ -280,7 +280,13 @@ class CanaryComparison:
             # On a busy machine a p95 over a few hundred requests jitters by milliseconds; only a
             # difference above the floor can be the canary's own slowness.
             excess = canary["p95_latency_seconds"] - stable["p95_latency_seconds"]
-            if ratio > rules.p95_latency_ratio and excess * 1000 > rules.latency_floor_ms:
+            # And, as the other rules, evidence: a p95 over a few dozen requests is their second
+            # slowest, so the canary must also answer slower than stable's p95 significantly more
+            # often than stable does (about 5%), at this look's z.
+            slowest = stable["p95_latency_seconds"]
+            if ratio > rules.p95_latency_ratio and excess * 1000 > rules.latency_floor_ms and \
+                    rate_increase_is_significant(sum(x > slowest for x in s.latencies), len(s.latencies),
+                                                 sum(x > slowest for x in c.latencies), len(c.latencies), z):
                 return Breach("latency", {**base, "ratio": ratio, "limit": rules.p95_latency_ratio})
         # Quality, once enough of both variants' answers have ground truth: the canary misses
         # (wrong label, or a regression error beyond tolerance) more often than stable.

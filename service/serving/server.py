@@ -62,6 +62,8 @@ class ModelServer:
         self.settings = settings
         self.store = store if store is not None else settings_store(settings)
         self.pool = CanaryPool(self.store, token or new_token())
+        self._canary_published: dict[str, tuple[Any, ...]] = {}
+        """Per model, the figures this worker last published (:meth:`check_canaries` skips unchanged ones)."""
         """Every worker's canary figures and the fleet's one decision, in the store."""
         self.metrics = metrics
         self.predlog = predlog
@@ -212,6 +214,13 @@ class ModelServer:
             if entry.comparison is None or entry.canary_traffic <= 0 or canary is None:
                 continue
             comparison = entry.comparison
+            # Unchanged figures: nothing to publish, and no look can be due on their account (a look
+            # needs more evidence; whoever adds it publishes, then reads the pool). Skipping them keeps
+            # a round, and so the time every worker takes to learn a verdict, short with many canaries.
+            figures = (comparison.pair, comparison.stable.requests, comparison.stable.labelled,
+                       comparison.canary.requests, comparison.canary.labelled)
+            if self._canary_published.get(name) == figures:
+                continue
             try:
                 self.pool.publish(comparison)
                 pooled = self.pool.pooled(name, comparison.pair) or comparison
@@ -220,6 +229,7 @@ class ModelServer:
             except Exception as exc:  # noqa: BLE001 - store away: the next round tries again
                 log.error("canary of %s: cannot reach the pooled figures: %s", name, exc)
                 continue
+            self._canary_published[name] = figures
             if decision is None:
                 continue
             if decision.verdict == "rolled_back":

@@ -161,10 +161,10 @@ def _drift_checked_at(server: VigilServer) -> datetime | None:
 def test_too_few_rows_says_how_many_fall_after_the_window(fleet: Fleet) -> None:
     rows = reference_rows(fleet.registry, "cancer")
     until = datetime.now(timezone.utc) - timedelta(minutes=10)
-    for i in range(3):
-        predict(fleet.replicas[i % 2], rows[:2])
+    ids = {predict(fleet.replicas[i % 2], rows[:2])["request_id"] for i in range(3)}
     store = fleet.store()
-    wait_for(lambda: len(read_log(store, "cancer", since=until)) >= 6, timeout=30, interval=0.5)
+    # These rows, not just any 6: the earlier tests' rows fall after ``until`` too.
+    wait_for(lambda: ids <= set(read_log(store, "cancer", since=until)["request_id"]), timeout=30, interval=0.5)
     after = len(read_log(store, "cancer", version="1", since=until))
     run = subprocess.run([str(VIGIL), "drift", "run", "--model", "cancer", "--version", "1", "--store",
                           fleet.store_url, "--registry", str(fleet.registry), "--last", "5m", "--until",
