@@ -231,7 +231,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def check_admin(request: Request, token: SecretStr | None) -> None:
-    if token is None:
+    if token is None or not token.get_secret_value().strip():
+        # An empty token would match an empty bearer header: treated as unset, never as open.
         raise Forbidden("admin endpoints are disabled: set VIGIL_ADMIN_TOKEN to enable them")
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")

@@ -224,3 +224,9 @@ async def test_canary_verdict_of_a_model_without_canary_and_of_an_unknown_one(vi
                                                              "healthy": True, "promotion": None}
         assert (await client.post("/canary/cancer/gate")).status_code == 200
         error_of(await client.get("/canary/nope"), 404, "model_not_found")
+
+
+async def test_an_empty_admin_token_keeps_the_admin_endpoints_closed(vigil_app: AppFactory) -> None:
+    async with vigil_app(ADMIN_TOKEN="") as client:
+        for header in ({"Authorization": "Bearer "}, {"Authorization": "Bearer"}, {}):
+            error_of(await client.post("/admin/reload", headers=header), 403, "admin_disabled")
