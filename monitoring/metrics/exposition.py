@@ -7,12 +7,13 @@ without cleaning up; otherwise it is this process's registry.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, multiprocess
 
 
 def exposition() -> tuple[bytes, str]:
@@ -21,13 +22,31 @@ def exposition() -> tuple[bytes, str]:
 
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if multiproc_dir:
-        from prometheus_client import multiprocess
-
         forget_dead_workers(multiproc_dir)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+        _StartedFilesCollector(registry, path=multiproc_dir)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _StartedFilesCollector(multiprocess.MultiProcessCollector):
+    """prometheus_client's multiprocess collector, skipping the files a worker has created but not yet sized.
+
+    A worker creates a family's file on first use and then truncates it to its initial size;
+    a scrape in between would read a zero-length file and fail (``struct.error``), answering
+    /metrics with a 500. Such a file holds no values yet, and files only grow, so skipping it
+    is exact.
+    """
+
+    def collect(self) -> Iterable[Any]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except FileNotFoundError:  # a dead worker's live gauge, removed since the glob
+                continue
+        return self.merge(files, accumulate=True)
 
 
 _LIVE_GAUGE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
@@ -61,8 +80,6 @@ def forget_dead_workers(multiproc_dir: str) -> list[int]:
     would stay exported forever. Counters and histograms are kept (they must not
     go backwards).
     """
-    from prometheus_client import multiprocess
-
     dead = {pid for pid in _gauge_writer_pids(multiproc_dir) if not _pid_alive(pid)}
     for pid in dead:
         multiprocess.mark_process_dead(pid, multiproc_dir)
