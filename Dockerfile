@@ -15,12 +15,20 @@ COPY monitoring/ monitoring/
 RUN pip install .
 # The registry is normally mounted over this (docker-compose.yml); the copy makes the image usable alone.
 COPY models/ models/
+# The service runs as an unprivileged user, the same uid and gid the Kubernetes manifests set
+# (runAsUser); it owns only what it writes: the data directory (a volume) and its home (BentoML's).
+RUN groupadd --system --gid 10001 vigil \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/vigil vigil \
+    && mkdir -p /data && chown vigil:vigil /data
+USER 10001:10001
 EXPOSE 3000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2)"
 CMD ["vigil", "serve", "--host", "0.0.0.0", "--port", "3000"]
 
 FROM service AS examples
+# Root: it installs packages, and registers into the bind-mounted ./models, owned by whoever checked it out.
+USER root
 RUN pip install ".[examples]"
 COPY examples/ examples/
 HEALTHCHECK NONE

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitoring.canary import Z_ONE_SIDED, CanaryComparison, Decision, look_z  # noqa: E402
+from monitoring.canary import Z_ONE_SIDED, CanaryComparison, Decision, judge  # noqa: E402
 from service.serving.deploy import RollbackRules  # noqa: E402
 
 EDGES = list(np.linspace(0.1, 0.9, 9))
@@ -60,7 +60,7 @@ def run(rng: np.random.Generator, *, workers: int, traffic: float, shift: float,
             elif decision.look_due(requests_now, 0, rules.min_requests, rules.min_labelled):
                 decision.looks += 1
                 decision.requests_at_last_look = requests_now
-                if fleet.evaluate(rules, z=look_z(decision.looks)) is not None:
+                if judge(fleet, rules, None, decision.looks) is not None:
                     return i + 1
         elif any(c.evaluate(rules, z=Z_ONE_SIDED) is not None for c in own):
             return i + 1

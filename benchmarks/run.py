@@ -433,6 +433,8 @@ class ServerSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    ready_path: str = "/readyz"
+    """The path that answers 200 once the server is ready (MLServer's is ``/v2/health/ready``)."""
 
 
 def free_port() -> int:
@@ -483,13 +485,13 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -531,7 +533,7 @@ def running_server(spec: ServerSpec, ready_timeout: float) -> Iterator[tuple[str
             proc = subprocess.Popen(spec.argv, cwd=spec.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
             try:
-                _wait_ready(proc, url, ready_timeout)
+                _wait_ready(proc, url, ready_timeout, spec.ready_path)
                 yield url, psutil.Process(proc.pid)
             except (RuntimeError, OSError) as exc:
                 raise RuntimeError(f"{exc}\n--- end of the server log ---\n{_log_tail(log_path)}") from exc
@@ -539,15 +541,20 @@ def running_server(spec: ServerSpec, ready_timeout: float) -> Iterator[tuple[str
                 stop_process_tree(proc)
 
 
-def check_answer(url: str, body: bytes, instances: int) -> None:
-    """One request before the load: the target must answer 200 with one prediction per instance."""
-    request = urllib.request.Request(f"{url}/predict", data=body, method="POST",
+def post_json(url: str, path: str, body: bytes) -> Any:
+    """POST the JSON ``body`` to ``url`` + ``path`` and return the answer read; anything but 2xx is a RuntimeError."""
+    request = urllib.request.Request(f"{url}{path}", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.loads(response.read())
+            return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{url}/predict answered {exc.code}: {exc.read()[:300]!r}") from None
+        raise RuntimeError(f"{url}{path} answered {exc.code}: {exc.read()[:300]!r}") from None
+
+
+def check_answer(url: str, body: bytes, instances: int) -> None:
+    """One request before the load: the target must answer 200 with one prediction per instance."""
+    answer = post_json(url, "/predict", body)
     predictions = answer.get("predictions")
     if not isinstance(predictions, list) or len(predictions) != instances:
         raise RuntimeError(f"{url}/predict answered {str(answer)[:300]}")
@@ -609,15 +616,21 @@ def write_lua(body_path: Path) -> Path:
     return script
 
 
-def start_wrk(wrk: str, url: str, script: Path, connections: int, seconds: int, threads: int) -> subprocess.Popen[str]:
-    """Start loading ``url`` for ``seconds`` (wrk takes whole seconds) with ``connections`` connections."""
+def start_wrk(wrk: str, url: str, script: Path, connections: int, seconds: int, threads: int,
+              path: str = "/predict") -> subprocess.Popen[str]:
+    """Start loading ``url`` + ``path`` for ``seconds`` (wrk takes whole seconds) with ``connections`` connections."""
     argv = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-            "--latency", "-s", str(script), f"{url}/predict"]
+            "--latency", "-s", str(script), f"{url}{path}"]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish_wrk(proc: subprocess.Popen[str], seconds: int) -> WrkResult:
     """Wait for a wrk started by :func:`start_wrk` and parse what it measured."""
+    return parse_wrk(wrk_output(proc, seconds))
+
+
+def wrk_output(proc: subprocess.Popen[str], seconds: int) -> str:
+    """Wait for a wrk started by :func:`start_wrk`; what it printed (its script's output too)."""
     try:
         out, err = proc.communicate(timeout=seconds + 60)
     except subprocess.TimeoutExpired:
@@ -626,7 +639,7 @@ def finish_wrk(proc: subprocess.Popen[str], seconds: int) -> WrkResult:
         raise RuntimeError(f"wrk did not finish within {seconds + 60} s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {err or out}")
-    return parse_wrk(out)
+    return out
 
 
 def run_wrk(wrk: str, url: str, script: Path, connections: int, seconds: int, threads: int) -> WrkResult:

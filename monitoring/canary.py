@@ -295,19 +295,26 @@ class CanaryComparison:
             if increase > rules.miss_rate_increase and rate_increase_is_significant(
                     s.misses, s.labelled, c.misses, c.labelled, z):
                 return Breach("quality", {**base, "increase": increase, "limit": rules.miss_rate_increase})
-        assert s.histogram is not None and c.histogram is not None
-        shift = psi(s.histogram, c.histogram)
-        n_s, n_c = int(s.histogram.sum()), int(c.histogram.sum())
-        if n_s and n_c:
-            # n_eff * PSI is roughly chi-square with (buckets - 1) degrees of freedom under no shift,
-            # so (buckets - 1) / n_eff is the PSI that sampling noise alone produces on average.
-            n_eff = n_s * n_c / (n_s + n_c)
-            dof = int(((s.histogram + c.histogram) > 0).sum()) - 1
-            noise = dof / n_eff
-            if shift - noise > rules.prediction_shift and n_eff * shift > chi2_quantile(dof, z):
-                return Breach("prediction_shift", {**base, "psi": shift, "psi_noise": noise,
-                                                   "limit": rules.prediction_shift})
+        shift, noise, n_eff, dof = self._shift()
+        if n_eff and shift - noise > rules.prediction_shift and n_eff * shift > chi2_quantile(dof, z):
+            return Breach("prediction_shift", {**base, "psi": shift, "psi_noise": noise,
+                                               "limit": rules.prediction_shift})
         return None
+
+    def _shift(self) -> tuple[float, float, float, int]:
+        """The prediction shift: PSI of canary against stable, the PSI sampling noise alone gives on average,
+        the effective sample size and the degrees of freedom (0, 0 when a variant has no predictions)."""
+        s, c = self.stable.histogram, self.canary.histogram
+        assert s is not None and c is not None
+        shift = psi(s, c)
+        n_s, n_c = int(s.sum()), int(c.sum())
+        if not (n_s and n_c):
+            return shift, 0.0, 0.0, 0
+        # n_eff * PSI is roughly chi-square with (buckets - 1) degrees of freedom under no shift,
+        # so (buckets - 1) / n_eff is the PSI that sampling noise alone produces on average.
+        n_eff = n_s * n_c / (n_s + n_c)
+        dof = int(((s + c) > 0).sum()) - 1
+        return shift, dof / n_eff, n_eff, dof
 
     def proven(self, rules: Rules, promote: PromoteRules, z: float = Z_ONE_SIDED,
                now: float | None = None) -> dict[str, Any] | None:
@@ -339,10 +346,7 @@ class CanaryComparison:
         if stable["p95_latency_seconds"] > 0 and excess_ms > rules.latency_floor_ms and (
                 canary["p95_latency_seconds"] / stable["p95_latency_seconds"] > rules.p95_latency_ratio):
             return None
-        assert s.histogram is not None and c.histogram is not None
-        shift = psi(s.histogram, c.histogram)
-        n_s, n_c = int(s.histogram.sum()), int(c.histogram.sum())
-        noise = (int(((s.histogram + c.histogram) > 0).sum()) - 1) / (n_s * n_c / (n_s + n_c)) if n_s and n_c else 0.0
+        shift, noise, _, _ = self._shift()
         if shift - noise > rules.prediction_shift:
             return None
         return {"stable": stable, "canary": canary, "seconds": round(elapsed, 1), "z": round(z, 3),
@@ -359,6 +363,24 @@ class CanaryComparison:
 
 
 # ----------------------------------------------------------------------------- the fleet's one decision
+
+
+Verdict = tuple[str, "str | None", dict[str, Any]]
+"""A look's verdict: ``rolled_back`` or ``promoted``, the rule breached (rollbacks), the figures behind it."""
+
+
+def judge(pooled: CanaryComparison, rules: Rules, promote: PromoteRules | None, look: int) -> Verdict | None:
+    """Look ``look`` at the pooled figures: rolled back when a rule is breached at that look's z,
+    promoted when ``promote`` is set and the canary has proven itself at it, else no verdict yet."""
+    z = look_z(look)
+    breach = pooled.evaluate(rules, z=z)
+    if breach is not None:
+        return "rolled_back", breach.reason, {**breach.figures, "look": look, "z": round(z, 3)}
+    if promote is not None:
+        evidence = pooled.proven(rules, promote, z)
+        if evidence is not None:
+            return "promoted", None, {**evidence, "look": look}
+    return None
 
 
 @dataclass

@@ -12,9 +12,10 @@ read it without Vigil::
     predlog/model=<name>/date=<YYYY-MM-DD>/hour=<HH>/part-<ms>-w<worker>-<pid>-<token>-<seq>.parquet
 
 Each flush writes complete segments, each under a key that is new (an
-exclusive write: a taken key is never replaced), so a ``kill -9`` loses at
-most the rows of the last flush interval and readers never see part of a
-segment. ``<ms>`` is the time of the segment's newest row (Unix
+exclusive write: a taken key is never replaced), so readers never see part of
+a segment. With a journal (:mod:`monitoring.journal`), every row is on the
+local disk before its answer leaves, and a ``kill -9`` loses nothing: the
+next process to start on that directory writes the dead one's rows. ``<ms>`` is the time of the segment's newest row (Unix
 milliseconds) and ``<token>`` the writing process's random token, the same
 one its request ids start with (:mod:`service.core.requestid`): two hosts'
 processes with the same worker number and pid still write different keys,
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from monitoring.journal import Journal, Sealed, Writer, orphans
 from monitoring.store import Store, as_store
 from service.core.requestid import new_token, parse_request_id
 
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vigil.predlog")
 
 LOG_DIR = "predlog"
+RECOVER_SECONDS = 60.0
+"""How often the flusher looks for journals of dead processes (a worker its replica respawned)."""
 
 
 @dataclass(slots=True)
@@ -82,6 +86,25 @@ class LoggedRequest:
     once, so the flush thread never frees a second's worth of them in one go, which
     stops the worker while it lasts.
     """
+
+    def journal_line(self) -> dict[str, Any]:
+        """The record as the journal keeps it: the card as its model and version, the matrix as nested lists."""
+        return {"t": self.time, "id": self.request_id, "model": self.card.name, "version": self.card.version,
+                "variant": self.variant, "instances": self.instances, "prediction": self.prediction,
+                "score": self.score, "reasons": self.reasons, "matrix": self.matrix}
+
+    @classmethod
+    def from_journal(cls, line: dict[str, Any], cards: dict[tuple[str, str], ModelCard],
+                     card_for: Callable[[str, str], ModelCard]) -> LoggedRequest:
+        """A record from its journal line; ``cards`` caches ``card_for``. NaN, written as null, comes back as NaN."""
+        key = (line["model"], line["version"])
+        if key not in cards:
+            cards[key] = card_for(*key)
+        matrix = line["matrix"]
+        return cls(time=line["t"], request_id=line["id"], card=cards[key], variant=line["variant"],
+                   instances=line["instances"], prediction=line["prediction"], score=line["score"],
+                   reasons=line["reasons"],
+                   matrix=None if matrix is None else np.array(matrix, dtype=np.float64).reshape(len(matrix), -1))
 
     @property
     def size(self) -> int:
@@ -120,6 +143,7 @@ class PredictionLog:
         pii_salt: str | None = None,
         sample_rate: float = 1.0,
         token: str | None = None,
+        journal_dir: Path | None = None,
     ) -> None:
         self.store = as_store(store)
         self.worker = worker
@@ -139,6 +163,20 @@ class PredictionLog:
         self._seq = 0
         self._last_error_log = 0.0
         self._counters: dict[str, tuple[Any, Any]] = {}
+        self.journal_dir = journal_dir
+        self._journal = self._open_journal(journal_dir, Writer(worker, self.pid, self.token))
+        self._card_for: Callable[[str, str], ModelCard] | None = None
+
+    @staticmethod
+    def _open_journal(directory: Path | None, writer: Writer) -> Journal | None:
+        """The journal, or None without a directory or when it cannot be made there (logged: the log still runs)."""
+        if directory is None:
+            return None
+        try:
+            return Journal(directory, writer)
+        except OSError as exc:
+            log.error("prediction log journal unavailable, rows are not kept across a crash: %s", exc)
+            return None
 
     # ------------------------------------------------------------------ request path
 
@@ -160,6 +198,8 @@ class PredictionLog:
                 full = False
                 self._buffer.append(record)
                 self._buffered_rows += rows
+                if self._journal is not None:
+                    self._journal_write(record)
         if full:
             self._count(record.card.name, dropped=rows)
             return False
@@ -167,24 +207,79 @@ class PredictionLog:
 
     # ------------------------------------------------------------------ background flushing
 
-    def start(self) -> None:
-        """Warm the writer up, then start the background flusher (a daemon thread)."""
+    def _journal_write(self, record: LoggedRequest) -> None:
+        assert self._journal is not None
+        try:
+            self._journal.write(record.journal_line())
+        except OSError as exc:  # disk full: the row is still buffered, only its crash safety is lost
+            self._log_error(f"prediction log journal write failed: {exc}")
+
+    def start(self, card_for: Callable[[str, str], ModelCard] | None = None) -> None:
+        """Warm the writer up, then start the background flusher (a daemon thread).
+
+        With a journal and ``card_for`` (a model's card by name and version), the
+        flusher first writes the rows of every dead process's journal in the same
+        directory, and looks for more each :data:`RECOVER_SECONDS`.
+        """
         _warm_up_arrow()
+        self._card_for = card_for
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="vigil-predlog", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval):
+        recovered_at = -RECOVER_SECONDS
+        while True:
+            if self._card_for is not None and time.monotonic() - recovered_at >= RECOVER_SECONDS:
+                recovered_at = time.monotonic()
+                self.recover(self._card_for)
+            if self._stop.wait(self.flush_interval):
+                break
             self.flush()
 
     def close(self) -> None:
-        """Stop the flusher and write what is buffered."""
+        """Stop the flusher and write what is buffered; the journal, all written, is removed."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
         self.flush()
+        if self._journal is not None:
+            self._journal.close()
+
+    def recover(self, card_for: Callable[[str, str], ModelCard]) -> int:
+        """Write the rows of every journal in this log's directory whose writer is dead; returns the rows written.
+
+        They go to the store under the dead writer's token and worker, as it
+        would have written them. A journal whose rows cannot be written now
+        (the store is down) is left for the next try.
+        """
+        if self.journal_dir is None:
+            return 0
+        written = 0
+        cards: dict[tuple[str, str], ModelCard] = {}
+        for writer, lines, sealed in orphans(self.journal_dir):
+            records = []
+            for line in lines:
+                try:
+                    records.append(LoggedRequest.from_journal(line, cards, card_for))
+                except Exception as exc:  # noqa: BLE001 - a version gone from the registry, a foreign line
+                    log.warning("journal %s: a record skipped: %s", sealed.path.name, exc)
+            by_model = _by_model(records)
+            try:
+                for model, model_records in by_model.items():
+                    self._write(model, model_records, writer)
+            except Exception as exc:  # noqa: BLE001 - the store is down: keep the journal for the next try
+                self._log_error(f"prediction log recovery of {sealed.path.name} failed, kept for later: {exc}")
+                sealed.release()
+                continue
+            for model, model_records in by_model.items():
+                rows = sum(r.size for r in model_records)
+                self._count(model, written=rows)
+                written += rows
+            log.info("prediction log: wrote %d rows of dead writer %s from its journal", len(records), writer.token)
+            sealed.done()
+        return written
 
     def flush(self) -> int:
         """Write every buffered row now; returns the number of rows written."""
@@ -194,27 +289,47 @@ class PredictionLog:
             batch = list(self._buffer)
             self._buffer.clear()
             self._buffered_rows = 0
+            sealed = self._seal_journal()
+        try:
+            return self._write_batch(batch)
+        finally:
+            if sealed is not None:
+                sealed.done()
+
+    def _seal_journal(self) -> Sealed | None:
+        """Seal the journal's current file (under the lock); if no next file can be opened, the journal stops."""
+        if self._journal is None:
+            return None
+        try:
+            return self._journal.seal()
+        except OSError as exc:
+            log.error("prediction log journal stopped, rows are not kept across a crash: %s", exc)
+            sealed, self._journal = self._journal.detach(), None
+            return sealed
+
+    def _write_batch(self, batch: list[LoggedRequest]) -> int:
         started = time.perf_counter()
-        by_model: dict[str, list[LoggedRequest]] = {}
-        for record in batch:
-            by_model.setdefault(record.card.name, []).append(record)
         written = 0
-        for model, records in by_model.items():
+        for model, records in _by_model(batch).items():
             rows = sum(r.size for r in records)
             try:
                 self._write(model, records)
             except Exception as exc:  # noqa: BLE001 - disk full, permissions: never reach the request path
                 self._count(model, errors=1, dropped=rows)
-                now = time.monotonic()
-                if now - self._last_error_log > 60:
-                    self._last_error_log = now
-                    log.error("prediction log write failed for %s (%d rows dropped): %s", model, rows, exc)
+                self._log_error(f"prediction log write failed for {model} ({rows} rows dropped): {exc}")
                 continue
             written += rows
             self._count(model, written=rows)
         if self.metrics is not None:
             self.metrics.predlog_flush_seconds.observe(time.perf_counter() - started)
         return written
+
+    def _log_error(self, message: str) -> None:
+        """Log an error at most once a minute: a failing disk or store must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_error_log > 60:
+            self._last_error_log = now
+            log.error("%s", message)
 
     def _count(self, model: str, written: int = 0, dropped: int = 0, errors: int = 0) -> None:
         if self.metrics is None:
@@ -226,7 +341,9 @@ class PredictionLog:
         if errors:
             self.metrics.predlog_write_errors.labels(model).inc(errors)
 
-    def _write(self, model: str, records: list[LoggedRequest]) -> None:
+    def _write(self, model: str, records: list[LoggedRequest], writer: Writer | None = None) -> None:
+        """Write ``records`` as one segment per UTC hour, under this process's keys or those of ``writer``."""
+        who = writer or Writer(self.worker, self.pid, self.token)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -242,7 +359,7 @@ class PredictionLog:
             newest = int(max(r.time for r in hour_records) * 1000)
             while True:
                 self._seq += 1
-                key = segment_key(model, hour, newest, self.worker, self.pid, self.token, self._seq)
+                key = segment_key(model, hour, newest, who.worker, who.pid, who.token, self._seq)
                 if self.store.put(key, data, exclusive=True):
                     break
 
@@ -311,6 +428,13 @@ class PredictionLog:
             else:
                 columns[spec.name] = pa.array(values, type=pa.float64())
         return columns
+
+
+def _by_model(records: list[LoggedRequest]) -> dict[str, list[LoggedRequest]]:
+    by_model: dict[str, list[LoggedRequest]] = {}
+    for record in records:
+        by_model.setdefault(record.card.name, []).append(record)
+    return by_model
 
 
 def _warm_up_arrow() -> None:

@@ -237,7 +237,7 @@ def deploy_status(
         canary = policy.canary.version if policy.canary else "-"
         promotion = state.promoted(name, stable)
         if promotion is not None:
-            stable = f"{promotion.version} (promoted from {promotion.previous} at {promotion.at:%Y-%m-%d %H:%M:%S})"
+            stable = promotion.describe()
             canary = "-" if canary == promotion.version else canary
         traffic = f"{state.canary_traffic(name, policy):.2f}" + (f" (of {policy.canary.traffic:.2f})" if policy.canary else "")
         figures = "-"

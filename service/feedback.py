@@ -506,7 +506,6 @@ class FeedbackService:
     def _count(self, card: ModelCard, rows: list[FeedbackRow]) -> None:
         if self.metrics is None:
             return
-        regression = card.task == "regression"
         for row in rows:
             prediction = row.prediction
             assert prediction is not None
@@ -516,4 +515,4 @@ class FeedbackService:
                 version_card = card if card.version == prediction.version else card.model_copy(
                     update={"version": prediction.version})
                 recorder = self._recorders[key] = self.metrics.feedback_recorder(version_card)
-            recorder.record(prediction.variant, prediction.prediction, row.actual, regression)
+            recorder.record(prediction.variant, prediction.prediction, row.actual)

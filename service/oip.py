@@ -56,7 +56,9 @@ NUMBERS = frozenset(NUMPY_TYPES) - {"BOOL"}
 MATRIX_TYPES = frozenset({"FP32", "FP64"})
 """Datatypes of the one-tensor convention."""
 _INTS = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"})
-_REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
+_REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name"})
+"""The fields of an inference request. ``model_name`` is not the spec's, but KServe's ``InferenceRESTClient`` sends
+it in every body; the path names the model, so it is taken (a string) and not read, as KServe's own server does."""
 _LENGTH = struct.Struct("<I")
 _ABSENT: Any = object()
 """A field the request does not have (a field that is there, null included, must have its type)."""
@@ -124,6 +126,8 @@ def parse_request(body: bytes, header_length: str | None, max_instances: int) ->
     unknown = sorted(str(k) for k in payload.keys() - _REQUEST_KEYS)
     if unknown:
         raise invalid(f"unknown request field(s) {unknown}; an inference request has id, parameters, inputs, outputs")
+    if type(payload.get("model_name", "")) is not str:
+        raise invalid("model_name must be a string (the path names the model)", "model_name")
     request_id = payload.get("id", "")  # a field that is present must have its type: null is not absent
     if type(request_id) is not str or len(request_id) > MAX_ID:
         raise invalid(f"id must be a string of at most {MAX_ID} characters (it is the id /feedback takes)", "id")

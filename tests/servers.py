@@ -103,7 +103,9 @@ class VigilServer:
         return self.client.get(path, **kwargs)
 
     def metrics_text(self) -> str:
-        return self.get("/metrics").text
+        response = self.get("/metrics")
+        assert response.status_code == 200, f"/metrics answered {response.status_code}: {response.text[:200]}"
+        return response.text
 
     def metric(self, name: str, **labels: str) -> float | None:
         """A family's value summed over the samples whose labels include ``labels``, from /metrics now."""
@@ -126,6 +128,24 @@ class VigilServer:
         wait_for(lambda: wanted <= self.logged_ids(model), timeout,
                  what=lambda: f"{len(wanted - self.logged_ids(model))} of {len(wanted)} requests not in the log")
 
+    def wait_until_every_worker_flushed(self, model: str, instance: dict[str, Any], workers: int) -> None:
+        """Wait until each of the ``workers`` worker processes has written out every row it answered before
+        this call: a request it answers afterwards is in the log, and a flush writes its whole buffer."""
+        from service.core.requestid import parse_request_id
+
+        probes: dict[str, set[str]] = {}
+
+        def flushed() -> bool:
+            # A new connection each time: the kernel spreads connections, not requests, over the workers.
+            response = httpx.post(f"{self.url}/predict", json={"model": model, "instances": [instance]},
+                                  timeout=DEADLINE)
+            assert response.status_code == 200, response.text
+            rid = response.json()["request_id"]
+            probes.setdefault(parse_request_id(rid).token, set()).add(rid)
+            logged = self.logged_ids(model)
+            return sum(1 for ids in probes.values() if ids & logged) >= workers
+        wait_for(flushed, what=lambda: f"probes of {len(probes)} workers answered, fewer than {workers} logged")
+
     def workers(self) -> list[psutil.Process]:
         """Live BentoML worker processes (a killed one is a zombie until reaped: skipped)."""
         found = []
@@ -140,10 +160,14 @@ class VigilServer:
 
 @contextmanager
 def vigil_server(registry: Path, workers: int = 1, env: dict[str, str] | None = None,
-                 timeout: float = 90.0) -> Iterator[VigilServer]:
-    """Start ``vigil serve`` on a free port with its own BENTOML_HOME; stop it on exit."""
-    home = Path(tempfile.mkdtemp(prefix="vigil-home-"))
-    port = free_port()
+                 timeout: float = 90.0, restart: VigilServer | None = None) -> Iterator[VigilServer]:
+    """Start ``vigil serve`` on a free port with its own BENTOML_HOME; stop it on exit.
+
+    With ``restart`` (a server that has died), start again on its port and its home, as a
+    restarted container keeps its pod's address and ``emptyDir``s; the home stays its owner's.
+    """
+    home = restart.home if restart is not None else Path(tempfile.mkdtemp(prefix="vigil-home-"))
+    port = restart.port if restart is not None else free_port()
     log = home / "server.log"
     full_env = clean_env({
         "BENTOML_HOME": str(home / "bentoml"),
@@ -151,7 +175,7 @@ def vigil_server(registry: Path, workers: int = 1, env: dict[str, str] | None = 
         "VIGIL_DATA_DIR": str(home / "var"),
         **(env or {}),
     })
-    with open(log, "wb") as fh:
+    with open(log, "ab" if restart is not None else "wb") as fh:
         proc = subprocess.Popen(
             [str(VIGIL), "serve", "--port", str(port), "--host", "127.0.0.1",
              "--registry", str(registry), "--workers", str(workers)],
@@ -164,7 +188,8 @@ def vigil_server(registry: Path, workers: int = 1, env: dict[str, str] | None = 
     finally:
         server.client.close()
         _stop(proc)
-        shutil.rmtree(home, ignore_errors=True)
+        if restart is None:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 class PrometheusServer:

@@ -67,6 +67,7 @@ from monitoring.metrics.recorders import (
     EndpointRecorder,
     FeedbackMetrics,
 )
+from service.core.predictor import BREAKER_STATES
 
 if TYPE_CHECKING:
     from service.core.card import ModelCard
@@ -156,10 +157,30 @@ class VigilMetrics(MetricFamilies):
         self.counter(self.input_rejected, model, reason).inc()
 
     def model_loaded(self, card: ModelCard, load_seconds: float) -> None:
-        """Mark a model version as loaded."""
-        self.model_info.labels(card.name, card.version, card.sha256).set(1)
-        self.model_load_seconds.labels(card.name, card.version).set(load_seconds)
-        self.model_ready.labels(card.name).set(1)
+        """Mark a model version as loaded, and create the children of what it may go on to count, at 0.
+
+        A child that does not exist is "No data" on a dashboard, and ``rate()``
+        cannot see the step to its first value: so the breaker's gauge and its
+        transitions and the version's feedback children start at 0 here, as the
+        fallback reasons do when the version is bound (:meth:`bind`). Label sets
+        that are not known in advance (a model error's exception class, an HTTP
+        status, a rollback's rule) are left to the dashboards' queries, and
+        nothing is created that an alert reads as an event.
+        """
+        name, version = card.name, card.version
+        self.model_info.labels(name, version, card.sha256).set(1)
+        self.model_load_seconds.labels(name, version).set(load_seconds)
+        self.model_ready.labels(name).set(1)
+        self.breaker_open.labels(name, version)  # a new gauge child is 0; an open breaker keeps its 1
+        for state in BREAKER_STATES:
+            self.breaker_transitions.labels(name, version, state)
+        self.feedback_recorder(card)
+        self._model_known(name)
+
+    def _model_known(self, name: str) -> None:
+        """Create the per-model counters of a registered model at 0 (prediction log, unmatched feedback)."""
+        for family in (self.predlog_rows, self.predlog_dropped, self.predlog_write_errors, self.feedback_unmatched):
+            family.labels(name)
 
     def breaker_changed(self, card: ModelCard, state: str) -> None:
         """Export a breaker transition."""
@@ -179,5 +200,6 @@ class VigilMetrics(MetricFamilies):
             family.remove(*labels)
 
     def model_failed(self, name: str) -> None:
-        """Mark a model as not serving (it failed to load)."""
+        """Mark a model as not serving (it failed to load); its per-model counters start at 0 all the same."""
         self.model_ready.labels(name).set(0)
+        self._model_known(name)

@@ -88,6 +88,10 @@ class MetricFamilies(DeferredChildren):
         self.batch_size = Histogram(
             "vigil_batch_size", "Instances per model call.",
             ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
+        self.batched_requests = Histogram(
+            "vigil_batched_requests",
+            "Requests answered by one model call on the model threads, for models with batching on (above 1: merged).",
+            ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
         self.predictions = Counter(
             "vigil_predictions", "Instances answered.", ["model", "version", "variant"], registry=r)
         # Some histograms take their buckets from each model's reference data, and a histogram

@@ -16,6 +16,7 @@ import numpy as np
 
 from monitoring.metrics.deferred import _QUEUED_NUMBERS_LIMIT, ROW_NUMBERS, DeferredCounter, _take_rows, pack_row
 from monitoring.metrics.families import error_buckets, prediction_buckets
+from service.core.predictor import FALLBACK_REASONS, VARIANTS
 
 if TYPE_CHECKING:
     from monitoring.metrics.families import MetricFamilies
@@ -96,6 +97,7 @@ class BoundModelMetrics:
         self.request_duration = metrics.histogram(metrics.request_duration, name, version)
         self.inference_duration = metrics.histogram(metrics.inference_duration, name, version, variant)
         self.batch_size = metrics.histogram(metrics.batch_size, name, version)
+        self.batched_requests = metrics.histogram(metrics.batched_requests, name, version)
         self.predictions = metrics.counter(metrics.predictions, name, version, variant)
         self.prediction_value = metrics.histogram(
             metrics.prediction_value_family(prediction_buckets(card)), name, version, variant)
@@ -117,7 +119,9 @@ class BoundModelMetrics:
         self._outputs = {"f": array("f"), "d": array("d")}  # by numpy's dtype.char, which array shares
         self._width = 1 if self.regression else len(self.classes)
         self._errors: dict[str, DeferredCounter] = {}
-        self._fallback: dict[str, DeferredCounter] = {}
+        # Every reason at 0 from the start, so the dashboards show 0 and rate() sees a reason's first answers.
+        self._fallback = {reason: metrics.counter(metrics.fallback, name, version, reason)
+                          for reason in FALLBACK_REASONS}
         self._version = version
 
     def record_inputs(self, missing: dict[str, int], out_of_range: dict[str, int]) -> None:
@@ -150,6 +154,10 @@ class BoundModelMetrics:
     def record_call(self, seconds: float, size: int, answered: Predictions | None = None) -> None:
         """One model call outside :meth:`record_request` (a failed one, or the fallback's, with its outputs)."""
         self.record_request(math.nan, seconds, size, answered)
+
+    def record_batched(self, requests: int) -> None:
+        """One model call made by a model's batcher: how many requests' rows it carried."""
+        self.batched_requests.observe(requests)
 
     def count_queued(self) -> None:
         """Count every queued call and output into the children; called by the flush, under its lock.
@@ -208,21 +216,38 @@ class BoundModelMetrics:
 
 
 class FeedbackMetrics:
-    """Ground truth for one model version: counts, confusion, and regression errors."""
+    """Ground truth for one model version: counts, confusion, and regression errors.
+
+    Every child exists from the start at 0, created when the version loads
+    (:meth:`~monitoring.metrics.VigilMetrics.model_loaded`): the dashboards show
+    0 before any feedback, and ``increase()`` sees the first one. The confusion
+    counts take one child per (predicted, actual) pair of the card's labels,
+    the pairs traffic would create anyway.
+    """
 
     def __init__(self, metrics: MetricFamilies, card: ModelCard) -> None:
         name, version = card.name, card.version
         self.metrics = metrics
         self.model, self.version = name, version
+        self.regression = card.task == "regression"
         self.accepted = metrics.feedback.labels(name, version)
-        buckets = error_buckets(card)
-        self.error = metrics.prediction_error_family(buckets).labels(name, version)
-        self.abs_error = metrics.prediction_abs_error_family(tuple(b for b in buckets if b > 0)).labels(name, version)
+        if self.regression:
+            buckets = error_buckets(card)
+            self.error = metrics.prediction_error_family(buckets).labels(name, version)
+            self.abs_error = metrics.prediction_abs_error_family(tuple(b for b in buckets if b > 0)).labels(
+                name, version)
+            return
+        for variant in VARIANTS:
+            metrics.feedback_correct.labels(name, version, variant)
+        labels = [str(label) for label in card.labels or []]
+        for predicted in labels:
+            for actual in labels:
+                metrics.feedback_outcomes.labels(name, version, predicted, actual)
 
-    def record(self, variant: str, predicted: Any, actual: Any, regression: bool) -> None:
+    def record(self, variant: str, predicted: Any, actual: Any) -> None:
         """One accepted actual for a prediction served by ``variant``."""
         self.accepted.inc()
-        if regression:
+        if self.regression:
             error = float(actual) - float(predicted)
             self.error.observe(error)
             self.abs_error.observe(abs(error))

@@ -15,6 +15,14 @@ import numpy as np
 
 from service.core.card import ModelCard
 
+VARIANTS = ("stable", "canary", "fallback")
+"""Who answers an instance: the stable version, the canary, or the heuristic fallback (the ``variant`` label)."""
+FALLBACK_REASONS = ("model_error", "timeout", "invalid_output", "missing_input", "breaker_open", "load_failed",
+                    "drift", "quality")
+"""Why the fallback answers an instance: the ``reason`` of an answer and of ``vigil_fallback_total``."""
+BREAKER_STATES = ("closed", "open", "half_open")
+"""The states of a version's circuit breaker (the ``to`` label of ``vigil_breaker_transitions_total``)."""
+
 
 @dataclass(slots=True)
 class Batch:

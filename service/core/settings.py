@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     predlog_flush_seconds: float = Field(1.0, gt=0, le=60)
     """Longest time a logged row waits in memory before it is written."""
 
+    predlog_journal: bool = True
+    """Journal every logged row under ``data_dir/journal`` before its answer leaves, so a killed worker
+    loses none: the next process started on that directory writes them (:mod:`monitoring.journal`)."""
+
     predlog_buffer_rows: int = Field(100_000, ge=1)
     """Rows buffered per worker before new rows are dropped (and counted) instead of blocking."""
 

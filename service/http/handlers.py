@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from monitoring.metrics import exposition
+from monitoring.metrics import DeferredCounter, exposition
 from service.core.errors import (
     BadRequest,
     Forbidden,
@@ -87,6 +87,15 @@ class Handlers:
         self.readiness = worker.readiness
         self._in_flight = 0
         self._next_request_id = worker.next_request_id
+        self._refusals: dict[str, tuple[DeferredCounter, DeferredCounter]] = {}
+        self.limit("/predict")
+
+    def limit(self, endpoint: str) -> None:
+        """Put ``endpoint`` under :meth:`within_limits`, its 429 and 504 counters at 0 from now on (a dashboard
+        shows 0 refusals, not "No data"); each prediction route calls it once, when it is built."""
+        if self.metrics is not None:
+            self._refusals[endpoint] = (self.metrics.counter(self.metrics.overloaded, endpoint),
+                                        self.metrics.counter(self.metrics.request_timeouts, endpoint))
 
     @answers_errors
     async def predict(self, request: Request) -> Response:
@@ -110,7 +119,7 @@ class Handlers:
             # Refuse at once, before reading the body: queueing would only add latency to
             # every request while the worker is saturated.
             if self.metrics is not None:
-                self.metrics.counter(self.metrics.overloaded, endpoint).inc()
+                self._refusals[endpoint][0].inc()
             raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
         self._in_flight += 1
         try:
@@ -119,7 +128,7 @@ class Handlers:
                 return await answer(request, request_id)
         except TimeoutError:
             if self.metrics is not None:
-                self.metrics.counter(self.metrics.request_timeouts, endpoint).inc()
+                self._refusals[endpoint][1].inc()
             raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
         finally:
             self._in_flight -= 1

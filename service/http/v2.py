@@ -93,6 +93,7 @@ class V2Handlers:
 
     def __init__(self, handlers: Handlers) -> None:
         self.handlers = handlers
+        handlers.limit(INFER)
         self.worker = handlers.worker
         self.server = handlers.server
         self.settings = handlers.settings

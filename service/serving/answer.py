@@ -5,7 +5,11 @@ of range, and every row of a call that failed or timed out go to the
 fallback, each with its reason; a model that is degraded (failed to load, drift
 or quality verdict, open breaker) sends the whole request there. Fast model
 calls run on the event loop, slow ones on the model threads, within the
-model's time budget either way.
+model's time budget either way. With the model's ``batching`` policy, the
+calls of concurrent requests to a version on the model threads are merged
+(:mod:`service.serving.batching`); each request still checks its own rows,
+takes its own fallbacks and records its own breaker outcome, metrics and log
+rows.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from monitoring.predlog import LoggedRequest
 from service.core.predictor import Batch, ModelTimeout, Predictions, Predictor, binary_or_top_score
+from service.serving.batching import Answer, Batcher, CallReport
 from service.serving.deploy import ModelPolicy
 from service.serving.routing import ModelEntry, ServedVersion, degraded_reason, invalid_rows, merge
 
@@ -35,7 +41,8 @@ class Outcome:
     reasons: list[str | None]
     errored: bool = False  # the model raised or timed out
     # What the request's metrics need (recorded once, at its end): the model call that answered
-    # (seconds, instances; 0 instances: no call answered) and its valid outputs.
+    # (seconds, instances; 0 instances: no call answered, or a merged call, which is recorded once
+    # on its own rather than with each of its requests) and its valid outputs.
     call_seconds: float = 0.0
     call_size: int = 0
     answered: Predictions | None = None
@@ -66,13 +73,12 @@ class Answerer:
         answered: Predictions | None = None
         if len(model_rows):
             sub = batch if len(model_rows) == n else _take(batch, model_rows)
-            predictions, failure, call_seconds = await self._call(served, entry.policy, sub)
+            predictions, failure, call_seconds, call_size = await self._call(served, entry.policy, sub)
             if failure is not None:
                 to_fallback[failure] = model_rows
                 served.breaker.record(False)
             else:
                 assert predictions is not None
-                call_size = sub.size
                 bad = invalid_rows(served.card, predictions, entry.policy.output_range_margin)
                 # One count serves both the breaker and the check (any() and sum() would be two passes).
                 bad_count = int(np.count_nonzero(bad))
@@ -100,16 +106,24 @@ class Answerer:
         return Outcome(merge(n, parts), reasons, errored, call_seconds, call_size, answered)
 
     async def _call(self, served: ServedVersion, policy: ModelPolicy,
-                    batch: Batch) -> tuple[Predictions | None, str | None, float]:
-        """Call the model within its time budget: (predictions, None, seconds) or (None, failure reason, 0.0).
+                    batch: Batch) -> tuple[Predictions | None, str | None, float, int]:
+        """Call the model within its time budget: (predictions, None, seconds, instances the request
+        records the call with) or (None, failure reason, 0.0, 0).
 
         A failed call is recorded here; a successful one by the request's
-        :meth:`BoundModelMetrics.record_request` once the request ends.
+        :meth:`BoundModelMetrics.record_request` once the request ends, except
+        a merged call, recorded once when it returns (:meth:`_batched_call`).
+        With batching, a request queues only while a call of its version is on
+        the model threads; otherwise it calls exactly as without.
         """
         assert served.predictor is not None
         budget = policy.timeout_ms / 1000
         started = time.perf_counter()
-        inline = served.calls_inline(started)
+        batcher = self._batcher(served) if policy.batching is not None else None
+        inline = not (batcher is not None and batcher.busy) and served.calls_inline(started)
+        if batcher is not None and not inline:
+            assert policy.batching is not None
+            return self._batched(served, await batcher.call(batch, budget, policy.batching.max_batch_size))
         try:
             if inline:
                 predictions, seconds = _timed_predict(served.predictor, batch, budget)
@@ -121,14 +135,58 @@ class Answerer:
                     self._executor, _timed_predict, served.predictor, batch, budget)
         except ModelTimeout:
             self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline, True)
-            return None, "timeout", 0.0
+            return None, "timeout", 0.0, 0
         except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
             self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size, inline)
-            log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
-                        type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
-            return None, "model_error", 0.0
+            _log_failure(served, exc)
+            return None, "model_error", 0.0, 0
         served.note_call(seconds, started, inline)
-        return predictions, None, seconds
+        return predictions, None, seconds, batch.size
+
+    def _batcher(self, served: ServedVersion) -> Batcher:
+        """The version's batcher, made on its first batched call; its calls run on this answerer's threads."""
+        batcher = served.batcher
+        if batcher is None:
+            predictor, executor = served.predictor, self._executor
+            assert predictor is not None
+
+            def run(batch: Batch, budget: float) -> asyncio.Future[tuple[Predictions, float]]:
+                return asyncio.get_running_loop().run_in_executor(executor, _timed_predict, predictor, batch, budget)
+
+            batcher = served.batcher = Batcher(run, partial(self._batched_call, served))
+        return batcher
+
+    def _batched(self, served: ServedVersion, answer: Answer) -> tuple[Predictions | None, str | None, float, int]:
+        """:meth:`_call`'s result from a batcher's answer; the call itself was noted by :meth:`_batched_call`."""
+        if answer.error is None:
+            assert answer.predictions is not None
+            return answer.predictions, None, answer.seconds, answer.rows if answer.requests == 1 else 0
+        timed_out = isinstance(answer.error, ModelTimeout)
+        if served.metrics is not None:
+            served.metrics.record_error("ModelTimeout" if timed_out else type(answer.error).__name__)
+            if answer.requests == 1:  # its own call, recorded with it as without batching
+                served.metrics.record_call(answer.seconds, answer.rows)
+        if timed_out:
+            return None, "timeout", 0.0, 0
+        _log_failure(served, answer.error)
+        return None, "model_error", 0.0, 0
+
+    def _batched_call(self, served: ServedVersion, report: CallReport) -> None:
+        """Note a call a batcher made: its time for the inline decision, its requests, and a merged call's metrics.
+
+        A merged call is one model call, so it is recorded once, with its real
+        size; its requests record no call of their own. A merged call that
+        failed is recorded as a call but not as an error: each of its requests
+        is retried alone, and those calls count their own errors.
+        """
+        served.note_call(report.seconds, report.started, False, isinstance(report.error, ModelTimeout))
+        if served.metrics is not None:
+            served.metrics.record_batched(report.requests)
+            if report.requests > 1:
+                served.metrics.record_call(report.seconds, report.rows)
+        if report.error is not None and report.requests > 1:
+            log.info("merged call of %d requests to %s:%s raised %s; each is retried alone", report.requests,
+                     served.card.name, served.card.version, type(report.error).__name__)
 
     def _model_failed(self, served: ServedVersion, kind: str, seconds: float, size: int, inline: bool,
                       timed_out: bool = False) -> None:
@@ -148,6 +206,11 @@ class Answerer:
     def close(self) -> None:
         """Release the model-call threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _log_failure(served: ServedVersion, exc: Exception) -> None:
+    log.warning("model %s:%s raised %s: %s", served.card.name, served.card.version,
+                type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
 
 
 def _timed_predict(predictor: Predictor, batch: Batch, budget: float) -> tuple[Predictions, float]:

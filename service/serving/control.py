@@ -3,7 +3,11 @@ canary checks.
 
 One daemon thread per worker polls every ``interval`` seconds: deploy.yaml on
 disk, and the rollback state and verdicts in the store (no inotify dependency,
-works on any shared volume). On a local store it stats each of them; on object
+works on any shared volume). A second one runs the canary checks at the same
+interval: a round publishes and reads every canary's figures in the store, which
+takes longer the more canaries there are, and must not delay the moment a worker
+takes a decision another worker made (a rollback reaches every replica within
+one interval and a state read, however many canaries are checked). On a local store it stats each of them; on object
 storage, where each stamp is a request, it stamps the store's change marker
 (:data:`monitoring.store.CHANGES_KEY`, rewritten by every writer of them) and
 looks at them all only when it changed, or every :data:`FULL_POLL_SECONDS`. A reload builds the new routing
@@ -61,12 +65,16 @@ class ControlLoop:
         self._drift_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         self._quality_seen: dict[tuple[str, str], tuple[Any, ...] | None] = {}
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Start polling in a daemon thread."""
-        self._thread = threading.Thread(target=self._run, name="vigil-control", daemon=True)
-        self._thread.start()
+        """Start polling, and the canary checks, each in a daemon thread."""
+        self._threads = [threading.Thread(target=self._every_interval, args=(self.tick,), name="vigil-control",
+                                          daemon=True),
+                         threading.Thread(target=self._every_interval, args=(self.check_canaries,),
+                                          name="vigil-canary", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Stop polling."""
@@ -74,29 +82,32 @@ class ControlLoop:
 
     @property
     def alive(self) -> bool:
-        """Whether the polling thread runs."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether both threads run."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
-    def _run(self) -> None:
+    def _every_interval(self, round_: Callable[[], Any]) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.tick()
+                round_()
             except Exception:  # noqa: BLE001 - the loop must outlive any single failure
-                log.exception("control loop tick failed")
+                log.exception("control loop round %s failed", getattr(round_, "__name__", round_))
 
     def tick(self) -> None:
-        """One round: reload when a watched file changed, take new drift verdicts, check the canaries."""
-        if self._store_may_have_changed():
-            seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY))
-            self.check_drift()
-            self.check_quality()
-        else:
-            seen = (_stamp(self._deploy_path), self._seen[1])
+        """One round: reload when a watched file changed (first: a decision is the most urgent news), then
+        take new drift and quality verdicts, and close versions retired long enough ago."""
+        changed = self._store_may_have_changed()
+        seen = (_stamp(self._deploy_path), self._store.stamp(STATE_KEY) if changed else self._seen[1])
         if seen != self._seen:
             self._seen = seen
             self.reload("file change")
-        self.server.check_canaries()
+        if changed:
+            self.check_drift()
+            self.check_quality()
         self.server.loader.close_retired(time.monotonic())
+
+    def check_canaries(self) -> None:
+        """One round of the canary checks (:meth:`ModelServer.check_canaries`)."""
+        self.server.check_canaries()
 
     def _store_may_have_changed(self) -> bool:
         """Whether the watched keys of the store need stamping this round (always, on a local store)."""

@@ -8,6 +8,7 @@ Validated at the edge with errors that name the key::
         canary: {version: "4", traffic: 0.1, sticky: true, rollback_when: {...}}
         on_drift: alert        # or fallback
         timeout_ms: 1000
+        batching: {max_batch_size: 64}   # merge concurrent requests' model calls (off when absent)
 
 A model missing from the file serves its newest registered version as stable
 with the default policies.
@@ -101,6 +102,19 @@ class BreakerConfig(BaseModel):
         return self
 
 
+class BatchingConfig(BaseModel):
+    """Merge the model calls of concurrent requests to one version (see :mod:`service.serving.batching`).
+
+    Requests wait only while a call of the same version is already running on
+    the model threads; they then go together in its successor, never for a timer.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(64, ge=1, le=100_000)
+    """Most rows in one merged call; requests past it wait for the next call (a larger request goes alone)."""
+
+
 class ModelPolicy(BaseModel):
     """Everything the deploy config says about one model."""
 
@@ -115,6 +129,8 @@ class ModelPolicy(BaseModel):
     output_range_margin: float = Field(0.25, ge=0)
     """Regression outputs beyond the reference range widened by this share of its span are invalid."""
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    batching: BatchingConfig | None = None
+    """Merge concurrent requests' model calls; None (the default): every request makes its own call."""
     log_sample_rate: float | None = Field(None, ge=0, le=1)
     """Share of this model's requests written to the prediction log (default: ``VIGIL_PREDLOG_SAMPLE_RATE``).
 
@@ -211,12 +227,26 @@ class RollbackRecord(BaseModel):
 
 
 class PromotionRecord(BaseModel):
-    """A canary the fleet promoted: it serves as stable while the config still names ``previous`` as stable."""
+    """A stable version set in the deploy state over the config's: it serves while the config still names
+    ``previous`` as stable (the config's own stable, or the newest version when it names none).
+
+    ``kind`` says how: a canary promoted (by the fleet's decision, ``promote_when``, or by an operator), or a
+    rollback to an older version by an operator. Kept in the store, so on a fleet whose deploy.yaml is
+    read-only (a ConfigMap) an operator's change still reaches every replica.
+    """
 
     version: str
     previous: str
     evidence: dict[str, Any] = Field(default_factory=dict)
     at: datetime
+    by: Literal["monitor", "operator"] = "monitor"
+    kind: Literal["promotion", "rollback"] = "promotion"
+
+    def describe(self) -> str:
+        """One line for ``vigil deploy status``: what serves, in place of what, since when, and who said so."""
+        verb = "promoted" if self.kind == "promotion" else "rolled back to"
+        who = "" if self.by == "monitor" else " by an operator"
+        return f"{self.version} ({verb}{who} in place of {self.previous} at {self.at:%Y-%m-%d %H:%M:%S})"
 
 
 class DeployState(BaseModel):
@@ -283,11 +313,17 @@ def record_rollback(store: Store | Path, model: str, record: RollbackRecord) -> 
     return _change_state(store, add)
 
 
-def record_promotion(store: Store | Path, model: str, record: PromotionRecord) -> DeployState:
-    """Add a promotion to the stored state (atomic); returns the new state."""
+def record_stable(store: Store | Path, model: str, record: PromotionRecord,
+                  canary_off: RollbackRecord | None = None) -> DeployState:
+    """Set ``record`` as the model's stable in the stored state (atomic), and turn its canary off with
+    ``canary_off`` or, without it, forget the canary's rollback; returns the new state."""
 
     def add(state: DeployState) -> bool:
         state.promotions[model] = record
+        if canary_off is not None:
+            state.rollbacks[model] = canary_off
+        else:
+            state.rollbacks.pop(model, None)
         return True
 
     return _change_state(store, add)

@@ -54,7 +54,8 @@ class VersionLoader:
         if base.variant == variant:
             return base
         metrics = self.metrics.bind(base.card, variant) if self.metrics is not None else None
-        return dataclasses.replace(base, variant=variant, metrics=metrics)
+        # A role of its own: its own batcher, so each merged call's requests share a variant and its metrics.
+        return dataclasses.replace(base, variant=variant, metrics=metrics, batcher=None)
 
     def unload_unused(self, in_use: set[tuple[str, str]], close_after: float) -> list[tuple[str, str]]:
         """Unload every version no role uses any more and clear its gauges; returns them.

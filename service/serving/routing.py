@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from service.core.card import ModelCard
 from service.core.predictor import Predictions, Predictor
 from service.inputs import InstanceValidator
 from service.serving.deploy import BreakerConfig, ModelPolicy
+
+if TYPE_CHECKING:
+    from service.serving.batching import Batcher
 
 BreakerState = Literal["closed", "open", "half_open"]
 
@@ -141,6 +144,8 @@ class ServedVersion:
     probe_interval: float = MIN_PROBE_SECONDS
     inline_seconds: float = INLINE_CALL_SECONDS
     """Model calls typically faster than this run on the event loop: a thread hop would cost more than the call."""
+    batcher: Batcher | None = field(default=None, repr=False, compare=False)
+    """Merges the calls of concurrent requests when the model's policy batches (made on first use, per role)."""
 
     def calls_inline(self, now: float) -> bool:
         """Whether the next model call runs on the event loop: typical calls are fast, or a re-measure is due."""

@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from monitoring.canary import CanaryComparison, CanaryPool, look_z
+from monitoring.canary import CanaryComparison, CanaryPool, judge
 from monitoring.metrics import VigilMetrics
 from monitoring.predlog import PredictionLog
 from monitoring.store import Store, settings_store
@@ -37,7 +37,7 @@ from service.serving.deploy import (
     check_versions,
     load_deploy,
     load_state,
-    record_promotion,
+    record_stable,
     record_rollback,
 )
 from service.serving.loading import VersionLoader
@@ -225,7 +225,7 @@ class ModelServer:
                 self.pool.publish(comparison)
                 pooled = self.pool.pooled(name, comparison.pair) or comparison
                 decision = self.pool.look(name, comparison.pair, pooled, canary.rollback_when,
-                                          lambda look, c=pooled, k=canary: self._judge(c, k, look))
+                                          lambda look, c=pooled, k=canary: judge(c, k.rollback_when, k.promote_when, look))
             except Exception as exc:  # noqa: BLE001 - store away: the next round tries again
                 log.error("canary of %s: cannot reach the pooled figures: %s", name, exc)
                 continue
@@ -239,29 +239,42 @@ class ModelServer:
             decided.append((name, decision.verdict))
         return decided
 
-    @staticmethod
-    def _judge(pooled: CanaryComparison, canary: Any, look: int) -> tuple[str, str | None, dict[str, Any]] | None:
-        z = look_z(look)
-        breach = pooled.evaluate(canary.rollback_when, z=z)
-        if breach is not None:
-            return "rolled_back", breach.reason, {**breach.figures, "look": look, "z": round(z, 3)}
-        if canary.promote_when is not None:
-            evidence = pooled.proven(canary.rollback_when, canary.promote_when, z)
-            if evidence is not None:
-                return "promoted", None, {**evidence, "look": look}
-        return None
+    def configured_stable(self, name: str) -> str:
+        """The stable version the deploy config names for ``name`` (its newest version when it names none)."""
+        return self.deploy.policy(name).stable or self.registry.latest(name)
 
-    def promote(self, name: str, evidence: dict[str, Any]) -> PromotionRecord:
+    def promote(self, name: str, evidence: dict[str, Any], by: str = "monitor") -> PromotionRecord:
         """Make the canary of ``name`` stable for the fleet: recorded in the deploy state, exported, logged."""
-        entry = self.models[name]
-        assert entry.canary is not None and entry.stable is not None
-        record = PromotionRecord(version=entry.canary.card.version, previous=entry.stable.card.version,
-                                 evidence=evidence, at=datetime.now(timezone.utc))
-        self.state = record_promotion(self.store, name, record)
-        if self.metrics is not None:
+        entry = self.models.get(name)
+        if entry is None or entry.canary is None or entry.stable is None:
+            raise Conflict(f"models.{name}.canary: there is no canary to promote")
+        record = PromotionRecord(version=entry.canary.card.version, previous=self.configured_stable(name),
+                                 evidence=evidence, at=datetime.now(timezone.utc), by=by)  # type: ignore[arg-type]
+        self.state = record_stable(self.store, name, record)
+        if self.metrics is not None and by == "monitor":
             self.metrics.promotions.labels(name, record.version).inc()
-        log.warning("canary %s:%s promoted to stable (replaces %s): %s", name, record.version, record.previous,
-                    _short(evidence))
+        log.warning("canary %s:%s promoted to stable by the %s (replaces %s): %s", name, record.version, by,
+                    entry.stable.card.version, _short(evidence))
+        self.reload()
+        return record
+
+    def serve_stable(self, name: str, version: str) -> PromotionRecord:
+        """An operator's rollback: serve ``version`` as the stable of ``name`` on every replica, canary off.
+
+        Recorded in the deploy state in the store, not in deploy.yaml (read-only on a fleet). A config that
+        later names another stable (or another canary) wins over it.
+        """
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"no model named '{name}'")
+        now = datetime.now(timezone.utc)
+        record = PromotionRecord(version=version, previous=self.configured_stable(name), at=now, by="operator",
+                                 kind="rollback")
+        canary = self.deploy.policy(name).canary
+        canary_off = (RollbackRecord(version=canary.version, reason="manual", at=now, by="operator")
+                      if canary is not None and canary.version != version else None)
+        self.state = record_stable(self.store, name, record, canary_off)
+        log.warning("%s: stable set to %s by an operator (the config names %s)", name, version, record.previous)
         self.reload()
         return record
 
@@ -289,20 +302,25 @@ class ModelServer:
         return out
 
     def rollback(self, name: str, reason: str, figures: dict[str, Any] | None = None, by: str = "operator") -> RollbackRecord:
-        """Turn the canary of ``name`` off, durably: recorded in the state file, exported, logged."""
-        entry = self.models.get(name)
-        if entry is None or entry.canary is None or entry.canary_traffic <= 0:
-            raise Conflict(f"models.{name}.canary: no live canary to roll back")
-        version = entry.canary.card.version
-        record = RollbackRecord(version=version, reason=reason, figures=figures or {},
-                                at=datetime.now(timezone.utc), by=by)  # type: ignore[arg-type]
-        try:
-            self.state = record_rollback(self.store, name, record)
-        except Exception as exc:  # noqa: BLE001 - store away or state unreadable: the rollback still happens here
-            log.error("could not persist the rollback of %s:%s: %s", name, version, exc)
-            self.state.rollbacks[name] = record
-        self.models = {**self.models, name: dataclasses.replace(entry, canary_traffic=0.0)}
-        self._export_routing()
+        """Turn the canary of ``name`` off, durably: recorded in the state file, exported, logged.
+
+        Under the reload lock: the canary checks and the admin API call this beside the control
+        loop's reloads, and neither may swap in routing built from the other's stale view.
+        """
+        with self._reload_lock:
+            entry = self.models.get(name)
+            if entry is None or entry.canary is None or entry.canary_traffic <= 0:
+                raise Conflict(f"models.{name}.canary: no live canary to roll back")
+            version = entry.canary.card.version
+            record = RollbackRecord(version=version, reason=reason, figures=figures or {},
+                                    at=datetime.now(timezone.utc), by=by)  # type: ignore[arg-type]
+            try:
+                self.state = record_rollback(self.store, name, record)
+            except Exception as exc:  # noqa: BLE001 - store away or state unreadable: it still happens here
+                log.error("could not persist the rollback of %s:%s: %s", name, version, exc)
+                self.state.rollbacks[name] = record
+            self.models = {**self.models, name: dataclasses.replace(entry, canary_traffic=0.0)}
+            self._export_routing()
         if self.metrics is not None:
             self.metrics.rollbacks.labels(name, version, reason).inc()
             self.metrics.canary_traffic.labels(name, version).set(0)

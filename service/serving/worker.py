@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from monitoring.metrics import ProcessSampler, VigilMetrics, live_worker_pids
+from monitoring.journal import JOURNAL_DIR
 from monitoring.predlog import PredictionLog
 from monitoring.store import Store, settings_store
 from service.core.errors import Conflict, ModelNotFound
@@ -21,16 +22,7 @@ from service.core.requestid import RequestIds, new_token
 from service.core.settings import Settings
 from service.feedback import FeedbackService
 from service.serving.control import ControlLoop
-from service.serving.deploy import (
-    DeployConfig,
-    DeployConfigError,
-    RollbackRecord,
-    clear_rollback,
-    edit_deploy,
-    load_deploy,
-    promote,
-    rollback_to,
-)
+from service.serving.deploy import DeployConfig, DeployConfigError, RollbackRecord, load_deploy
 from service.serving.server import ModelServer
 
 log = logging.getLogger("vigil.worker")
@@ -62,6 +54,7 @@ class Worker:
             self.store, label, self.metrics, flush_interval=settings.predlog_flush_seconds,
             max_buffer_rows=settings.predlog_buffer_rows, pii_salt=settings.pii_salt,
             sample_rate=settings.predlog_sample_rate, token=self.token,
+            journal_dir=settings.data_dir / JOURNAL_DIR if settings.predlog_journal else None,
         ) if settings.predlog_enabled else None
         self.server = ModelServer(settings, self.metrics, self.predlog, _initial_deploy(settings), self.store,
                                   token=self.token)
@@ -83,7 +76,8 @@ class Worker:
         """Every background part, in start order (stopped in reverse)."""
         parts: list[Part] = [("control loop", self.control.start, self.control.stop)]
         if self.predlog is not None:
-            parts.append(("prediction log writer", self.predlog.start, self.predlog.close))
+            predlog, cards = self.predlog, self.server.registry.card
+            parts.append(("prediction log writer", lambda: predlog.start(card_for=cards), predlog.close))
         parts.append(("feedback settler", self.feedback.start, self.feedback.stop))
         if self.sampler is not None:
             parts.append(("process sampler", self.sampler.start, self.sampler.stop))
@@ -147,22 +141,12 @@ class Worker:
         return self.server.rollback(model, "manual")
 
     def serve_version(self, model: str, version: str) -> None:
-        """Edit deploy.yaml so ``version`` is stable and no canary runs, then reload."""
-        registry = self.server.registry
-        versions = {name: registry.versions(name) for name in registry.names()}
-        edit_deploy(self.settings.deploy, lambda doc: rollback_to(doc, model, version), versions)
-        self.server.reload()
+        """Serve ``version`` as stable with no canary, on every replica: recorded in the deploy state in the store."""
+        self.server.serve_stable(model, version)
 
     def promote_canary(self, model: str) -> str:
-        """Edit deploy.yaml so the canary becomes stable, clear its rollback record, reload; returns the version."""
-        promoted: list[str] = []
-        try:
-            edit_deploy(self.settings.deploy, lambda doc: promoted.append(promote(doc, model)))
-        except DeployConfigError as exc:
-            raise Conflict(exc.message) from None
-        clear_rollback(self.store, model)
-        self.server.reload()
-        return promoted[0]
+        """Make the canary stable on every replica (recorded in the deploy state); returns the version."""
+        return self.server.promote(model, {"by": "operator"}, by="operator").version
 
 
 LOG_MARGIN_SECONDS = 10.0

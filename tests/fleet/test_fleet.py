@@ -14,10 +14,12 @@ import subprocess
 import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from monitoring.journal import JOURNAL_DIR
 from monitoring.feedback import read_feedback
 from monitoring.predlog import read_log, segment_keys
 from tests.fleet.conftest import ADMIN_TOKEN, Fleet, reference_rows, truths
@@ -100,7 +102,7 @@ def test_duplicates_sent_to_both_replicas_at_once_are_counted_once(fleet: Fleet)
     assert len(stored[stored["request_id"].isin(ids)]) == 30  # one stored actual per instance
 
 
-def test_both_replicas_write_segments_of_their_own_and_nothing_to_their_local_directories(fleet: Fleet) -> None:
+def test_both_replicas_write_segments_of_their_own_and_only_their_journal_locally(fleet: Fleet) -> None:
     rows = reference_rows(fleet.registry, "cancer")
     for server in fleet.replicas:
         predict(server, rows[:1])
@@ -109,7 +111,8 @@ def test_both_replicas_write_segments_of_their_own_and_nothing_to_their_local_di
     assert len(store.list("workers/")) == 2
     for server in fleet.replicas:
         local = server.home / "var"
-        assert not local.exists() or not any(p.is_file() for p in local.rglob("*")), list(local.rglob("*"))
+        files = [p.relative_to(local) for p in local.rglob("*") if p.is_file()]
+        assert files and all(p.parts[0] == JOURNAL_DIR and p.suffix == ".jsonl" for p in files), files
 
 
 def test_jobs_read_every_replicas_rows_and_every_replica_takes_the_verdict(fleet: Fleet) -> None:
@@ -190,3 +193,34 @@ def test_a_rollback_on_one_replica_reaches_the_other_through_the_store(fleet: Fl
     wait_for(lambda: canary(b)["traffic"] == 0.0, timeout=30)
     state = json.loads(fleet.store().get("deploy_state.json"))
     assert state["rollbacks"]["cancer"]["version"] == "2"
+
+
+def test_an_operators_promote_and_rollback_reach_every_replica_and_leave_deploy_yaml_alone(fleet: Fleet) -> None:
+    a, b = fleet.replicas
+    deploy = Path(fleet.env["VIGIL_DEPLOY"])
+    config = deploy.read_bytes()  # a ConfigMap: read-only in the pod
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def served(server: VigilServer) -> dict[str, Any]:
+        return {m["name"]: m for m in server.get("/models").json()["models"]}["cancer"]
+
+    response = a.post("/admin/promote", json={"model": "cancer"}, headers=auth)
+    assert response.status_code == 200 and response.json() == {"model": "cancer", "stable": "2"}, response.text
+    wait_for(lambda: served(b)["version"] == "2" and served(b).get("canary") is None, timeout=30,
+             what=lambda: f"replica b serves {served(b)}")
+    promotion = served(b)["promotion"]
+    assert (promotion["version"], promotion["previous"], promotion["by"], promotion["kind"]) == (
+        "2", "1", "operator", "promotion")
+
+    response = b.post("/admin/rollback", json={"model": "cancer", "to": "1"}, headers=auth)
+    assert response.status_code == 200 and response.json() == {"model": "cancer", "stable": "1"}, response.text
+    wait_for(lambda: served(a)["version"] == "1" and served(a)["canary"]["traffic"] == 0.0, timeout=30,
+             what=lambda: f"replica a serves {served(a)}")
+    assert served(a)["promotion"]["kind"] == "rollback"
+    rows = reference_rows(fleet.registry, "cancer")
+    for server in (a, b):
+        versions = {p["version"] for p in predict(server, rows[:20])["predictions"]}
+        assert versions == {"1"}
+    unknown = a.post("/admin/rollback", json={"model": "cancer", "to": "9"}, headers=auth)
+    assert unknown.status_code == 404 and "no version '9'" in unknown.json()["error"]["message"]
+    assert deploy.read_bytes() == config

@@ -150,7 +150,7 @@ def test_proven_canary_is_promoted_once_and_shown(server_factory: Any, deploy: P
         status = CliRunner().invoke(cli, ["deploy", "status", "--deploy", str(deploy), "--registry", str(registry),
                                           "--data-dir", str(tmp_path / "var"), "--url", server.url],
                                     env={"COLUMNS": "200"})
-        assert status.exit_code == 0 and "promoted from 1" in status.output, status.output
+        assert status.exit_code == 0 and "promoted in place of 1" in status.output, status.output
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 - prometheus.yml and monitoring/alerts.yml through promtool (config, rules, the unit tests), and the
   unit tests cover every alert both ways;
 - the Grafana dashboards: valid JSON, four fixed uids, unique panel ids, the provisioned datasource,
-  every variable defined, every metric defined in monitoring/metrics/families.py;
+  every variable defined, every query filtered by the instance variable, every metric defined in
+  monitoring/metrics/families.py;
 - docker-compose.yml against the Compose Specification's JSON schema (``compose-spec.json``,
   vendored from compose-spec/compose-spec, ``schema/compose-spec.json``), its mounts against the
   repository, and the port, health check and scrape target of the service against each other and
@@ -154,6 +155,25 @@ def test_every_variable_used_is_defined(name: str) -> None:
     for i, variable in enumerate(kit.variables(dashboard)):
         earlier = {v["name"] for v in kit.variables(dashboard)[:i]}
         assert kit.used_variables(kit.variable_query(variable)) <= earlier, variable["name"]
+
+
+_SELECTOR_RE = re.compile(r"\b(vigil_[a-z0-9_]+|up(?=\{))(\{[^}]*\})?")
+
+
+@pytest.mark.parametrize("name", sorted(kit.dashboards()))
+def test_every_query_can_be_narrowed_to_some_replicas(name: str) -> None:
+    """The first variable lists the replicas, and every series a query selects is filtered by it."""
+    dashboard = kit.dashboards()[name]
+    instance = kit.variables(dashboard)[0]
+    assert instance["name"] == "instance" and instance["multi"] and instance["includeAll"], instance
+    assert kit.variable_query(instance) == 'label_values(up{job="vigil"}, instance)'
+    for query in kit.queries(dashboard):
+        if query.where == "variable $instance":
+            continue
+        selectors = list(_SELECTOR_RE.finditer(query.expr))
+        assert selectors, query.id
+        for selector in selectors:
+            assert 'instance=~"$instance"' in (selector.group(2) or ""), f"{query.id}: {selector.group(0)}"
 
 
 def metric_names() -> set[str]:

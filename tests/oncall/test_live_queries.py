@@ -10,12 +10,18 @@ a model timeout, a canary rolled back on its error rate, a refused deploy.yaml
 edit and a drift run.
 
 Dashboard queries are run as Grafana would with every variable at "All"
-(``(a|b|c)``, values read from Prometheus like Grafana's ``label_values``),
+(``(a|b|c)``, each value regex-escaped, values read from Prometheus like Grafana's ``label_values``),
 ``$__rate_interval`` = 1m and ``$__range`` = 1h; a repeated panel is run once per value of its
 variable. Panel and variable queries are instant queries at "now"; annotations
 are range queries over the test's lifetime, because an annotation marks an
 event at the time it happened. Each must succeed and return at least one
 series.
+
+A second service and Prometheus (:class:`TestHealthyRun`) get a healthy run: steady traffic on
+/predict and /v2, feedback, and a drift and a quality run that find nothing wrong. There every panel
+and variable query must return a series with a finite value (0 counts: a panel shows 0, not "No
+data", when nothing happened), no annotation may mark an event and no alert may be active, so the
+series that start at 0 raise nothing.
 
 Alert rules are checked three ways: every rule of alerts.yml is loaded and
 healthy in /api/v1/rules after many evaluations over the real series (a
@@ -28,12 +34,16 @@ rejected: several rules are not "signal > threshold" (``unless``, ``or``).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +72,7 @@ from tests.servers import (
     _wait_http,
     clean_env,
     free_port,
+    looping,
     metric_value,
     vigil_server,
     wait_for,
@@ -399,11 +410,23 @@ def variable_values(prom: PrometheusServer, dashboard: dict[str, Any]) -> dict[s
     return resolved
 
 
+_REGEX_SPECIAL = re.compile(r"[$^*{}\[\]'+?.()|]")
+
+
+def regex_escaped(value: str) -> str:
+    """A value as Grafana's Prometheus datasource writes it into a regex matcher (``prometheusSpecialRegexEscape``):
+    each regex metacharacter behind an escaped backslash, so ``127.0.0.1:9090`` matches only itself."""
+    return _REGEX_SPECIAL.sub(lambda m: "\\\\" + m.group(0), value.replace("\\", "\\\\\\\\"))
+
+
 def all_of(values: dict[str, list[str]]) -> dict[str, str]:
-    """Every variable at "All": Grafana's multi-value format for Prometheus, ``(a|b|c)``."""
+    """Every variable at "All": Grafana's multi-value format for Prometheus, ``(a|b|c)`` of escaped values
+    (one value alone is written without the parentheses)."""
+    formatted = {}
     for name, options in values.items():
-        assert all(v.replace("_", "").replace("-", "").isalnum() for v in options), (name, options)
-    return {name: "(" + "|".join(options) + ")" for name, options in values.items()}
+        escaped = [regex_escaped(v) for v in options]
+        formatted[name] = escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+    return formatted
 
 
 def expressions_to_run(query: kit.Query, values: dict[str, list[str]], repeat_over: list[str]) -> list[str]:
@@ -551,3 +574,143 @@ def test_service_down_alert_when_the_service_stops(example_registry: Path) -> No
             server.proc.wait(timeout=30)
             alert = wait_for_alert(prom, "VigilServiceDown", {"job": "vigil"})
             assert alert["labels"]["instance"] == f"127.0.0.1:{server.port}"
+
+
+# ----------------------------------------------------------------------------- a healthy run
+
+HEALTHY_MODELS = ("cancer", "diabetes")
+MACHINE_BOUND_ALERTS = {"VigilHighP99Latency"}
+"""Alerts on what the machine measures (latency), not on which series exist: a loaded test machine may
+raise them, so the healthy run does not judge them."""
+
+
+@dataclass
+class HealthyRun:
+    """A service with the example models and nothing wrong, its Prometheus, and the jobs' runs."""
+
+    server: VigilServer
+    prom: PrometheusServer
+    registry: Path
+    started: float
+    runs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
+
+
+def run_job(run: HealthyRun, *args: str) -> subprocess.CompletedProcess[str]:
+    """One ``vigil`` job over the healthy service's data, as a scheduler would run it."""
+    env = clean_env({"VIGIL_DATA_DIR": str(run.server.data_dir), "VIGIL_REGISTRY": str(run.registry)})
+    return subprocess.run([str(VIGIL), *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+def steady_traffic(run: HealthyRun, stop: threading.Event) -> None:
+    """Reference rows for each model, on /predict and /v2 in turn, a request every 0.1 s or so until ``stop``:
+    a healthy service has traffic, and every rate() on the dashboards a window with some in it."""
+    pool = {model: rows(run.registry, model, 100) for model in HEALTHY_MODELS}
+    with httpx.Client(base_url=run.server.url, timeout=30) as client:
+        for i in itertools.count():
+            model = HEALTHY_MODELS[i % len(HEALTHY_MODELS)]
+            instances = pool[model][i % 90:i % 90 + 1 + i % 3]
+            if i % 4 < 2:
+                response = client.post("/predict", json={"model": model, "instances": instances})
+                assert response.status_code == 200, response.text
+                assert all("reason" not in p for p in response.json()["predictions"]), response.text
+            else:
+                inputs = [{"name": name, "datatype": "FP64", "shape": [len(instances)],
+                           "data": [row[name] for row in instances]} for name in instances[0]]
+                response = client.post(f"/v2/models/{model}/infer",
+                                       json={"parameters": {"content_type": "pd"}, "inputs": inputs})
+                assert response.status_code == 200, response.text
+                assert not any(response.json()["parameters"]["reasons"]), response.text
+            if stop.wait(0.1):
+                return
+
+
+def run_healthy_feedback_and_jobs(run: HealthyRun) -> None:
+    """Ground truth for 100 reference rows of each model, then a drift run and a quality run per model over
+    the logged rows, as a scheduler would run them; both should find nothing wrong (exit 0)."""
+    server, registry = run.server, run.registry
+    for model in HEALTHY_MODELS:
+        ids = []
+        for start in range(0, 100, 10):
+            features, targets = reference(registry, model, 10, start)
+            response = server.post("/predict", json={"model": model, "instances": features})
+            assert response.status_code == 200, response.text
+            ids.append(response.json()["request_id"])
+            feedback = {"model": model, "request_id": ids[-1], "actuals": targets}
+            # The request reaches the prediction log within its flush interval; until then its id is unknown.
+            wait_for(lambda feedback=feedback: server.post("/feedback", json=feedback).status_code == 200)
+        server.wait_until_logged(model, ids)
+    # The window ends now, and the jobs read it once every row served before its end is written: a job
+    # refuses a window that is still being flushed into (steady traffic goes on meanwhile).
+    until = datetime.now(timezone.utc).isoformat()
+    server.wait_until_every_worker_flushed(HEALTHY_MODELS[0], rows(registry, HEALTHY_MODELS[0], 1)[0], workers=2)
+    for model in HEALTHY_MODELS:
+        window = ("--model", model, "--last", "1h", "--until", until)
+        run.runs[f"drift {model}"] = run_job(run, "drift", "run", *window, "--min-rows", "50")
+        run.runs[f"quality {model}"] = run_job(run, "performance", "run", *window, "--min-rows", "50")
+    for model in HEALTHY_MODELS:  # the service takes each verdict within a control interval
+        wait_for(lambda model=model: metric_value(server.metrics_text(), "vigil_drift_rows", model=model) is not None
+                 and metric_value(server.metrics_text(), "vigil_quality_degraded", model=model) is not None,
+                 what=lambda model=model: f"{model}'s verdicts never reached the service; the jobs: " + "; ".join(
+                     f"{name}: exit {r.returncode} {r.stdout[-300:]} {r.stderr[-600:]}"
+                     for name, r in run.runs.items()))
+
+
+@pytest.fixture(scope="class")
+def healthy(example_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealthyRun]:
+    """The healthy run under steady traffic, scraped and with every rule evaluated after the jobs' verdicts
+    arrived; the traffic goes on while the tests read, and everything stops after the class."""
+    deploy = tmp_path_factory.mktemp("healthy-deploy") / "deploy.yaml"
+    deploy.write_text("models: {}\n")
+    env = {"VIGIL_DEPLOY": str(deploy), "VIGIL_CONTROL_INTERVAL_SECONDS": "0.2", "VIGIL_PREDLOG_FLUSH_SECONDS": "0.2"}
+    with vigil_server(example_registry, workers=2, env=env, timeout=120) as server:
+        with prometheus_from_repo_config(f"127.0.0.1:{server.port}") as prom:
+            run = HealthyRun(server, prom, example_registry, started=time.time())
+            prom.wait_for_scrape_after(time.time())
+            with looping(functools.partial(steady_traffic, run), name="steady-traffic"):
+                run_healthy_feedback_and_jobs(run)
+                prom.wait_for_scrape_after(time.time() + 2.0)
+                wait_for_rule_evaluation_after(prom, time.time())
+                yield run
+
+
+def finite_values(result: list[dict[str, Any]]) -> list[float]:
+    """The finite values of an instant query's result vector."""
+    return [v for v in (float(r["value"][1]) for r in result) if math.isfinite(v)]
+
+
+class TestHealthyRun:
+    """Nothing goes wrong: every panel still shows a value (0 where nothing happened), and no alert is active."""
+
+    def test_the_jobs_find_nothing_wrong(self, healthy: HealthyRun) -> None:
+        for name, run in healthy.runs.items():
+            assert run.returncode == 0, f"{name} exited {run.returncode}:\n{run.stdout}\n{run.stderr}"
+
+    def test_every_panel_and_variable_query_has_a_finite_value(self, healthy: HealthyRun) -> None:
+        values = {d["uid"]: variable_values(healthy.prom, d) for d in kit.dashboards().values()}
+        empty = []
+        for query in kit.all_queries():
+            if query.kind == "annotation":
+                continue
+            repeat_over = values[query.dashboard][query.repeat] if query.repeat else []
+            for expr in expressions_to_run(query, values[query.dashboard], repeat_over):
+                result = healthy.prom.query(expr)
+                if query.kind == "panel" and not finite_values(result) or not result:
+                    empty.append(f"{query.id}: {result}\n    {expr}")
+        assert not empty, f"{len(empty)} queries without a finite value in a healthy run:\n" + "\n".join(empty)
+
+    def test_no_annotation_marks_an_event(self, healthy: HealthyRun) -> None:
+        for query in kit.all_queries():
+            if query.kind == "annotation":
+                for expr in expressions_to_run(query, dashboard_variable_values(healthy, query.dashboard), []):
+                    assert range_query(healthy.prom, expr, healthy.started) == [], f"{query.id} marks an event"
+
+    def test_no_alert_is_active(self, healthy: HealthyRun) -> None:
+        active = [(a["labels"]["alertname"], a["labels"], a["state"]) for a in active_alerts(healthy.prom)
+                  if a["labels"]["alertname"] not in MACHINE_BOUND_ALERTS]
+        assert active == []
+
+
+def dashboard_variable_values(run: HealthyRun, uid: str) -> dict[str, list[str]]:
+    """The variable values of one dashboard (by uid) in the healthy run."""
+    (dashboard,) = [d for d in kit.dashboards().values() if d["uid"] == uid]
+    return variable_values(run.prom, dashboard)

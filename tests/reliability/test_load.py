@@ -105,6 +105,11 @@ def test_sigkill_of_a_worker_mid_load(example_registry: Path, tmp_path: Path) ->
             values = [float(v) for _, v in series["data"]["result"][0]["values"]]
             assert values == sorted(values), "a counter went backwards"
             assert prom.value('sum(resets(vigil_predictions_total{model="cancer"}[1m]))') == 0
+            # Every answered instance is logged once, the killed worker's last ones too: its journal
+            # is written by the worker that replaced it.
+            wait_for(lambda: len(read_log(server.data_dir, "cancer")) >= result["instances"],
+                     what=lambda: f"{len(read_log(server.data_dir, 'cancer'))} of {result['instances']} logged")
+            assert not read_log(server.data_dir, "cancer").duplicated(["request_id", "index"]).any()
 
 
 def flushed_value(server: VigilServer, name: str, **labels: str) -> float:

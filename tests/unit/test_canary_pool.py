@@ -17,6 +17,7 @@ from monitoring.canary import (
     ALPHA,
     CanaryComparison,
     CanaryPool,
+    judge,
     look_threshold,
     look_z,
     upper_bound_of_increase,
@@ -46,14 +47,7 @@ def workers(store: LocalStore, count: int) -> list[tuple[CanaryPool, CanaryCompa
 
 
 def judge_with(pooled: CanaryComparison, rules: RollbackRules, promote: PromoteRules | None = None):
-    def judge(look: int):
-        breach = pooled.evaluate(rules, z=look_z(look))
-        if breach is not None:
-            return "rolled_back", breach.reason, {"look": look}
-        if promote is not None and (evidence := pooled.proven(rules, promote, look_z(look))) is not None:
-            return "promoted", None, evidence
-        return None
-    return judge
+    return lambda look: judge(pooled, rules, promote, look)
 
 
 def round_of(fleet: list[tuple[CanaryPool, CanaryComparison]], rules: RollbackRules,

@@ -89,6 +89,30 @@ def test_a_cross_field_rule_is_named_by_the_section_holding_it() -> None:
                                               "window (10)"}]
 
 
+def test_batching_is_off_unless_configured_and_an_empty_section_takes_the_defaults() -> None:
+    config = parse_deploy("models:\n  cancer: {batching: {}}\n  diabetes: {batching: {max_batch_size: 8}}\n")
+    assert ModelPolicy().batching is None and config.policy("other").batching is None
+    batching = config.policy("cancer").batching
+    assert batching is not None and batching.max_batch_size == 64
+    diabetes = config.policy("diabetes").batching
+    assert diabetes is not None and diabetes.max_batch_size == 8
+    assert dump_deploy(config)["models"]["diabetes"] == {"batching": {"max_batch_size": 8}}
+
+
+@pytest.mark.parametrize(("section", "key", "problem"), [
+    ("{max_batch_size: 0}", "models.cancer.batching.max_batch_size", "Input should be greater than or equal to 1"),
+    ("{max_batch_size: many}", "models.cancer.batching.max_batch_size",
+     "Input should be a valid integer, unable to parse string as an integer"),
+    ("{max_latency_ms: 5}", "models.cancer.batching.max_latency_ms", "Extra inputs are not permitted"),
+    ("64", "models.cancer.batching", "Input should be a valid dictionary or instance of BatchingConfig"),
+])
+def test_a_bad_batching_section_is_refused_naming_the_key(section: str, key: str, problem: str) -> None:
+    with pytest.raises(DeployConfigError) as info:
+        parse_deploy(f"models:\n  cancer:\n    batching: {section}\n", source="d.yaml")
+    assert info.value.details == [{"field": key, "problem": f"{key}: {problem}"}]
+    assert info.value.message == f"d.yaml: {key}: {problem}"
+
+
 def test_the_deploy_file_is_the_argument_else_vigil_deploy_else_deploy_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VIGIL_DEPLOY", raising=False)
     assert deploy_path() == Path("deploy.yaml")

@@ -567,3 +567,18 @@ def test_the_renderer_agrees_with_kubectl(layout: str) -> None:
     theirs = [doc for doc in yaml.safe_load_all(printed) if doc]
     assert _normalised(build(LAYOUTS[layout])) == _normalised(theirs)
 
+
+
+def test_the_image_runs_as_the_non_root_user_the_manifests_name(rendered: list[Resource]) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    service = dockerfile[dockerfile.index("AS service"):dockerfile.index("AS examples")]
+    users = re.findall(r"^USER (\d+):(\d+)$", service, re.MULTILINE)
+    assert users, "the service stage sets no numeric USER: it would run as root"
+    uid, gid = map(int, users[-1])
+    assert uid != 0 and gid != 0
+    assert re.search(rf"useradd .*--uid {uid} ", service) and re.search(rf"groupadd .*--gid {gid} ", service)
+    assert re.search(r"chown vigil:vigil /data", service)  # VIGIL_DATA_DIR, written at run time
+    for workload in workloads(rendered):
+        security = the_pod(workload).get("securityContext", {})
+        assert (security.get("runAsUser"), security.get("runAsGroup")) == (uid, gid), workload["metadata"]["name"]
+        assert security.get("runAsNonRoot") is True, workload["metadata"]["name"]

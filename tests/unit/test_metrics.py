@@ -23,7 +23,7 @@ from monitoring.metrics import (
     prediction_buckets,
 )
 from service.core.card import ModelCard
-from service.core.predictor import Predictions
+from service.core.predictor import BREAKER_STATES, FALLBACK_REASONS, VARIANTS, Predictions
 from service.registry.store import Registry
 from tests.servers import looping, wait_for
 
@@ -308,6 +308,64 @@ def test_model_info_and_readiness(metrics: VigilMetrics, registry: CollectorRegi
     assert value(registry, "vigil_model_load_seconds", model="cancer", version="1") == 0.25
     assert value(registry, "vigil_model_ready", model="cancer") == 1
     assert value(registry, "vigil_model_ready", model="broken") == 0
+
+
+def test_a_loaded_version_starts_its_known_label_sets_at_zero(metrics: VigilMetrics, registry: CollectorRegistry,
+                                                              cards: dict[str, ModelCard]) -> None:
+    """Dashboards show 0 instead of "No data", and rate()/increase() see the first increment."""
+    for card in cards.values():
+        metrics.bind(card, "stable")
+        metrics.bind(card, "fallback")
+        metrics.model_loaded(card, 0.1)
+    metrics.model_failed("broken")
+    for name in ("cancer", "diabetes"):
+        version = {"model": name, "version": "1"}
+        for reason in FALLBACK_REASONS:
+            assert value(registry, "vigil_fallback_total", **version, reason=reason) == 0
+        assert value(registry, "vigil_breaker_open", **version) == 0
+        for state in BREAKER_STATES:
+            assert value(registry, "vigil_breaker_transitions_total", **version, to=state) == 0
+        assert value(registry, "vigil_feedback_total", **version) == 0
+    for name in ("cancer", "diabetes", "broken"):
+        for family in ("vigil_predlog_rows_total", "vigil_predlog_dropped_total", "vigil_predlog_write_errors_total",
+                       "vigil_feedback_unmatched_total"):
+            assert value(registry, family, model=name) == 0, (family, name)
+    cancer = {"model": "cancer", "version": "1"}
+    for variant in VARIANTS:
+        assert value(registry, "vigil_feedback_correct_total", **cancer, variant=variant) == 0
+    for predicted in ("0", "1"):
+        for actual in ("0", "1"):
+            assert value(registry, "vigil_feedback_outcomes_total", **cancer, predicted=predicted, actual=actual) == 0
+    # Each task gets its own feedback children only.
+    assert value(registry, "vigil_prediction_error_count", **cancer) is None
+    assert value(registry, "vigil_prediction_abs_error_count", model="diabetes", version="1") == 0
+    assert value(registry, "vigil_feedback_correct_total", model="diabetes", version="1", variant="stable") is None
+    # Label sets not known in advance, and events an alert reads from a series' appearance, are not created.
+    for family in ("vigil_model_errors_total", "vigil_rollbacks_total", "vigil_input_rejected_total",
+                   "vigil_promotions_total"):
+        assert not [s for m in registry.collect() for s in m.samples if s.name == family], family
+
+
+def test_a_loaded_version_keeps_an_open_breaker_and_counts_from_zero(metrics: VigilMetrics,
+                                                                     registry: CollectorRegistry,
+                                                                     cards: dict[str, ModelCard]) -> None:
+    card = cards["cancer"]
+    metrics.model_loaded(card, 0.1)
+    metrics.breaker_changed(card, "open")
+    metrics.model_loaded(card, 0.1)  # a reload of the same version
+    assert value(registry, "vigil_breaker_open", model="cancer", version="1") == 1
+    assert value(registry, "vigil_breaker_transitions_total", model="cancer", version="1", to="open") == 1
+    bound = metrics.bind(card, "fallback")
+    bound.record_fallback("breaker_open", 3)
+    assert value(registry, "vigil_fallback_total", model="cancer", version="1", reason="breaker_open") == 3
+
+
+def test_the_breaker_states_are_the_routing_states() -> None:
+    from typing import get_args
+
+    from service.serving.routing import BreakerState
+
+    assert set(get_args(BreakerState)) == set(BREAKER_STATES)
 
 
 def test_process_sampler_reports_this_process(metrics: VigilMetrics, registry: CollectorRegistry,

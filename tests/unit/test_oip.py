@@ -103,10 +103,16 @@ def test_binary_data_beyond_the_inputs_sizes_is_refused() -> None:
                 b"\0" * 16)
 
 
-@pytest.mark.parametrize("field", ["id", "parameters", "outputs"])
+@pytest.mark.parametrize("field", ["id", "parameters", "outputs", "model_name"])
 def test_a_null_field_is_not_an_absent_one(field: str) -> None:
     with pytest.raises(BadRequest, match=field):
         request([tensor([1, 2, 3], [1, 3])], **{field: None})
+
+
+def test_the_model_name_kserves_client_sends_is_taken_and_other_fields_are_not() -> None:
+    assert request([tensor([1, 2, 3], [1, 3])], model_name="cancer").inputs[0].shape == [1, 3]
+    with pytest.raises(BadRequest, match=r"unknown request field\(s\) \['model_version'\]"):
+        request([tensor([1, 2, 3], [1, 3])], model_name="cancer", model_version="1")
 
 
 def test_a_header_length_past_the_body_is_refused() -> None:
