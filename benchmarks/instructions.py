@@ -75,6 +75,7 @@ MODES = {"on": "vigil", "off": "vigil-nometrics"}
 INTERVALS = {
     "VIGIL_METRICS_FLUSH_SECONDS": (1.0, 10.0),  # (real value: the default, the setting's maximum)
     "VIGIL_PROCESS_SAMPLE_SECONDS": (2.0, 60.0),
+    "VIGIL_FEEDBACK_SETTLE_SECONDS": (0.5, 5.0),  # also the heartbeat's round (every 5 s at most)
     # Not an interval, but a duration compared with the clock: a model call fast enough for the event
     # loop must not look slow enough for a thread because valgrind slowed it down.
     "VIGIL_MODEL_INLINE_SECONDS": (0.002, 1.0),

@@ -68,8 +68,6 @@ log = logging.getLogger("vigil.feedback")
 Targets = Callable[[], tuple[dict[str, ModelCard], dict[str, tuple[CanaryComparison, float]]]]
 """What feedback is checked and counted against: each model's card, and each live canary comparison."""
 
-SETTLE_SECONDS = 0.5
-"""How often a worker looks again for the predictions of its pending feedback."""
 HEARTBEAT_SECONDS = 5.0
 """How often a worker tells the store it is alive."""
 DEAD_AFTER_SECONDS = 20.0
@@ -159,12 +157,15 @@ class FeedbackService:
     """
 
     def __init__(self, store: Store, metrics: VigilMetrics | None, token: str, match_seconds: float = 60.0,
-                 window_seconds: float = 30.0, targets: Targets | None = None, label: str = "0") -> None:
+                 window_seconds: float = 30.0, targets: Targets | None = None, label: str = "0",
+                 settle_seconds: float = 0.5) -> None:
         self.store = store
         self.metrics = metrics
         self.token = token
         self.label = label
         self.match_seconds = match_seconds
+        self.settle_seconds = settle_seconds
+        """How often the settling thread looks again for pending predictions (and beats, every 5 s at most)."""
         self.targets = targets
         self.lookup = PredictionLookup(store, window_seconds)
         self.claims = Claims(store)
@@ -220,7 +221,7 @@ class FeedbackService:
 
     def _run(self) -> None:
         last_beat = last_adopt = time.monotonic()
-        while not self._stop.wait(SETTLE_SECONDS):
+        while not self._stop.wait(self.settle_seconds):
             try:
                 if not self.register():
                     continue

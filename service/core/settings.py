@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     ``vigil_feedback_unmatched_total`` (and kept for the jobs). Feedback for an older request whose
     prediction is not in the log is refused with 404. Must exceed the flush interval plus the request timeout."""
 
+    feedback_settle_seconds: float = Field(0.5, gt=0, le=5)
+    """How often each worker looks again for the predictions of the feedback it holds pending (a store listing
+    per round on object storage). At most 5 s: the same round tells the store the worker is alive."""
+
     max_instances: int = Field(1000, ge=1)
     """Most instances accepted in one ``/predict`` request."""
 

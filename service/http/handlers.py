@@ -98,40 +98,45 @@ class Handlers:
                                         self.metrics.counter(self.metrics.request_timeouts, endpoint))
 
     @answers_errors
-    async def predict(self, request: Request) -> Response:
+    def predict(self, request: Request) -> Awaitable[Response]:
         """``POST /predict``: ``{"model", "instances", "key"}`` answered with one prediction per instance.
 
         Refused at once with 429 when the worker is at its concurrency limit, and
         with 504 past the request timeout; every answer carries the request id.
+        A plain function that returns the limited call, not a coroutine of its own:
+        the wrapper awaits it, one frame fewer on every request.
+        """
+        return self.within_limits("/predict", self._predict, request)
+
+    async def within_limits(self, endpoint: str, answer: Answer, request: Request) -> Response:
+        """Run ``answer`` with a new request id under the worker's concurrency limit (429) and request timeout
+        (504), shared by every prediction route; ``endpoint`` is the bounded label the refusals are counted under.
+
+        Every refusal and error carries the request id in ``X-Request-ID``, as every answer does.
         """
         request_id = self._next_request_id()
+        settings = self.settings
         try:
-            return await self.within_limits("/predict", self._predict, request, request_id)
+            if self._in_flight >= settings.max_concurrency:
+                # Refuse at once, before reading the body: queueing would only add latency to
+                # every request while the worker is saturated.
+                if self.metrics is not None:
+                    self._refusals[endpoint][0].inc()
+                raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
+            self._in_flight += 1
+            try:
+                # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
+                async with asyncio.timeout(settings.request_timeout_seconds):
+                    return await answer(request, request_id)
+            except TimeoutError:
+                if self.metrics is not None:
+                    self._refusals[endpoint][1].inc()
+                raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
+            finally:
+                self._in_flight -= 1
         except VigilError as exc:
             exc.headers = {**exc.headers, "X-Request-ID": request_id}
             raise
-
-    async def within_limits(self, endpoint: str, answer: Answer, request: Request, request_id: str) -> Response:
-        """Run ``answer`` under the worker's concurrency limit (429) and request timeout (504), shared by every
-        prediction route; ``endpoint`` is the bounded label the refusals are counted under."""
-        settings = self.settings
-        if self._in_flight >= settings.max_concurrency:
-            # Refuse at once, before reading the body: queueing would only add latency to
-            # every request while the worker is saturated.
-            if self.metrics is not None:
-                self._refusals[endpoint][0].inc()
-            raise Overloaded(f"this worker is answering {self._in_flight} requests, its limit; retry shortly")
-        self._in_flight += 1
-        try:
-            # asyncio.timeout() only schedules a timer; wait_for() would also wrap the call in a new task.
-            async with asyncio.timeout(settings.request_timeout_seconds):
-                return await answer(request, request_id)
-        except TimeoutError:
-            if self.metrics is not None:
-                self._refusals[endpoint][1].inc()
-            raise RequestTimeout(f"the request took longer than {settings.request_timeout_seconds:g} s") from None
-        finally:
-            self._in_flight -= 1
 
     async def _predict(self, request: Request, request_id: str) -> Response:
         model: str | None = None

@@ -143,14 +143,10 @@ class V2Handlers:
                               "state": state}, 200 if state == "serving" else 503)
 
     @answers_oip_errors
-    async def infer(self, request: Request) -> Response:
-        """``POST /v2/models/{name}[/versions/{version}]/infer``: tensors (JSON or binary), answered like /predict."""
-        request_id = self.worker.next_request_id()
-        try:
-            return await self.handlers.within_limits(INFER, self._infer, request, request_id)
-        except VigilError as exc:
-            exc.headers = {**exc.headers, "X-Request-ID": request_id}
-            raise
+    def infer(self, request: Request) -> Awaitable[Response]:
+        """``POST /v2/models/{name}[/versions/{version}]/infer``: tensors (JSON or binary), answered like /predict
+        (and, like :meth:`Handlers.predict`, the limited call itself, awaited by the error wrapper)."""
+        return self.handlers.within_limits(INFER, self._infer, request)
 
     async def _infer(self, request: Request, request_id: str) -> Response:
         name: str | None = None

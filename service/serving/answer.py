@@ -48,6 +48,11 @@ class Outcome:
     answered: Predictions | None = None
 
 
+CallResult = tuple[Predictions | None, str | None, float, int]
+"""A model call's result: (predictions, None, seconds, instances the request records the call with), or
+(None, the fallback reason, 0.0, 0) when it failed."""
+
+
 class Answerer:
     """Answers validated batches for one worker; owns the threads that slow model calls run on."""
 
@@ -73,7 +78,14 @@ class Answerer:
         answered: Predictions | None = None
         if len(model_rows):
             sub = batch if len(model_rows) == n else _take(batch, model_rows)
-            predictions, failure, call_seconds, call_size = await self._call(served, entry.policy, sub)
+            started, policy = time.perf_counter(), entry.policy
+            # On the event loop when the version's calls are fast and (when it batches) its batcher has no call
+            # on the threads, which a request then queues for. A fast call has no coroutine of its own.
+            if (policy.batching is None or not self._batcher(served).busy) and served.calls_inline(started):
+                result = self._call_inline(served, policy, sub, started)
+            else:
+                result = await self._call_off_loop(served, policy, sub, started)
+            predictions, failure, call_seconds, call_size = result
             if failure is not None:
                 to_fallback[failure] = model_rows
                 served.breaker.record(False)
@@ -105,43 +117,52 @@ class Answerer:
         errored = "model_error" in to_fallback or "timeout" in to_fallback
         return Outcome(merge(n, parts), reasons, errored, call_seconds, call_size, answered)
 
-    async def _call(self, served: ServedVersion, policy: ModelPolicy,
-                    batch: Batch) -> tuple[Predictions | None, str | None, float, int]:
-        """Call the model within its time budget: (predictions, None, seconds, instances the request
-        records the call with) or (None, failure reason, 0.0, 0).
+    def _call_inline(self, served: ServedVersion, policy: ModelPolicy, batch: Batch, started: float) -> CallResult:
+        """Call the model on the event loop within its time budget: (predictions, None, seconds, instances the
+        request records the call with) or (None, failure reason, 0.0, 0).
 
         A failed call is recorded here; a successful one by the request's
-        :meth:`BoundModelMetrics.record_request` once the request ends, except
-        a merged call, recorded once when it returns (:meth:`_batched_call`).
-        With batching, a request queues only while a call of its version is on
-        the model threads; otherwise it calls exactly as without.
+        :meth:`BoundModelMetrics.record_request` once the request ends.
+        """
+        assert served.predictor is not None
+        try:
+            predictions, seconds = _timed_predict(served.predictor, batch, policy.timeout_ms / 1000)
+        except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
+            return self._failed(served, exc, started, batch.size, inline=True)
+        served.note_call(seconds, started, True)
+        return predictions, None, seconds, batch.size
+
+    async def _call_off_loop(self, served: ServedVersion, policy: ModelPolicy, batch: Batch,
+                             started: float) -> CallResult:
+        """:meth:`_call_inline` for a slow model: on a thread, so the worker keeps answering health checks and
+        other models meanwhile (the watchdog still cancels it at the budget).
+
+        With batching, the call goes through the version's batcher, which merges
+        it with the calls of concurrent requests; a merged call is recorded once
+        when it returns (:meth:`_batched_call`).
         """
         assert served.predictor is not None
         budget = policy.timeout_ms / 1000
-        started = time.perf_counter()
-        batcher = self._batcher(served) if policy.batching is not None else None
-        inline = not (batcher is not None and batcher.busy) and served.calls_inline(started)
-        if batcher is not None and not inline:
-            assert policy.batching is not None
-            return self._batched(served, await batcher.call(batch, budget, policy.batching.max_batch_size))
+        if policy.batching is not None:
+            answer = await self._batcher(served).call(batch, budget, policy.batching.max_batch_size)
+            return self._batched(served, answer)
         try:
-            if inline:
-                predictions, seconds = _timed_predict(served.predictor, batch, budget)
-            else:
-                # A slow model runs on a thread so the worker keeps answering health checks
-                # and other models meanwhile; the watchdog still cancels it at the budget.
-                loop = asyncio.get_running_loop()
-                predictions, seconds = await loop.run_in_executor(
-                    self._executor, _timed_predict, served.predictor, batch, budget)
-        except ModelTimeout:
-            self._model_failed(served, "ModelTimeout", time.perf_counter() - started, batch.size, inline, True)
-            return None, "timeout", 0.0, 0
+            predictions, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _timed_predict, served.predictor, batch, budget)
         except Exception as exc:  # noqa: BLE001 - any model failure is answered by the fallback
-            self._model_failed(served, type(exc).__name__, time.perf_counter() - started, batch.size, inline)
-            _log_failure(served, exc)
-            return None, "model_error", 0.0, 0
-        served.note_call(seconds, started, inline)
+            return self._failed(served, exc, started, batch.size, inline=False)
+        served.note_call(seconds, started, False)
         return predictions, None, seconds, batch.size
+
+    def _failed(self, served: ServedVersion, exc: Exception, started: float, size: int, inline: bool) -> CallResult:
+        """Record a failed call (a timeout, or the model raised) and say which fallback reason answers it."""
+        timed_out = isinstance(exc, ModelTimeout)
+        self._model_failed(served, "ModelTimeout" if timed_out else type(exc).__name__, time.perf_counter() - started,
+                           size, inline, timed_out)
+        if timed_out:
+            return None, "timeout", 0.0, 0
+        _log_failure(served, exc)
+        return None, "model_error", 0.0, 0
 
     def _batcher(self, served: ServedVersion) -> Batcher:
         """The version's batcher, made on its first batched call; its calls run on this answerer's threads."""
@@ -156,8 +177,8 @@ class Answerer:
             batcher = served.batcher = Batcher(run, partial(self._batched_call, served))
         return batcher
 
-    def _batched(self, served: ServedVersion, answer: Answer) -> tuple[Predictions | None, str | None, float, int]:
-        """:meth:`_call`'s result from a batcher's answer; the call itself was noted by :meth:`_batched_call`."""
+    def _batched(self, served: ServedVersion, answer: Answer) -> CallResult:
+        """:meth:`_call_off_loop`'s result from a batcher's answer (the call is noted by :meth:`_batched_call`)."""
         if answer.error is None:
             assert answer.predictions is not None
             return answer.predictions, None, answer.seconds, answer.rows if answer.requests == 1 else 0

@@ -61,7 +61,8 @@ class Worker:
         self.feedback = FeedbackService(
             self.store, self.metrics, self.token, match_seconds=settings.feedback_match_seconds,
             window_seconds=settings.request_timeout_seconds + 2 * settings.predlog_flush_seconds + LOG_MARGIN_SECONDS,
-            targets=self.server.feedback_targets, label=label)
+            targets=self.server.feedback_targets, label=label,
+            settle_seconds=settings.feedback_settle_seconds)
         self.control = ControlLoop(self.server, settings.control_interval_seconds)
         self.sampler = (ProcessSampler(self.metrics, label, settings.process_sample_seconds)
                         if self.metrics is not None else None)

@@ -15,6 +15,7 @@ import orjson
 import pandas as pd
 import pytest
 
+from service.core.requestid import parse_request_id
 from tests.asgi.conftest import AppFactory
 from tests.servers import DEADLINE, metric_value
 
@@ -80,8 +81,21 @@ REFUSED: list[Any] = [
 async def test_refused_requests_have_their_status_and_code_and_predict_nothing(
         vigil_app: AppFactory, body: bytes, headers: dict[str, str], status: int, code: str) -> None:
     async with vigil_app() as client:
-        error_of(await client.post("/predict", content=body, headers=headers), status, code)
+        refused = await client.post("/predict", content=body, headers=headers)
+        error_of(refused, status, code)
+        assert parse_request_id(refused.headers["x-request-id"]) is not None  # a refusal carries its id too
         assert await metric(client, "vigil_predictions_total") == 0
+
+
+async def test_a_refused_v2_inference_carries_a_request_id_of_its_own(vigil_app: AppFactory) -> None:
+    async with vigil_app() as client:
+        ids = set()
+        for _ in range(2):
+            refused = await client.post("/v2/models/cancer/infer", content=b'{"inputs": [', headers=JSON)
+            assert refused.status_code == 400 and "error" in refused.json(), refused.text
+            assert parse_request_id(refused.headers["x-request-id"]) is not None
+            ids.add(refused.headers["x-request-id"])
+        assert len(ids) == 2
 
 
 async def test_chunked_body_past_the_limit_is_413_before_it_is_read_whole(vigil_app: AppFactory) -> None:

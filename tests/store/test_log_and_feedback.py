@@ -20,6 +20,7 @@ from monitoring.predlog import LoggedRequest, PredictionLog, candidate_segments,
 from monitoring.store import Store
 from service.core.requestid import RequestIds, new_token
 from service.feedback import DEAD_AFTER_SECONDS, FeedbackItems, FeedbackService, FeedbackWhole, UnknownRequest
+from tests.servers import wait_for_value
 from tests.unit.test_predlog import card
 
 pytestmark = pytest.mark.integration
@@ -30,14 +31,15 @@ CARD = card()
 class Replica:
     """One worker of one replica: its token, its request ids, its log writer and its feedback service."""
 
-    def __init__(self, store: Store, label: str = "0", match_seconds: float = 60.0) -> None:
+    def __init__(self, store: Store, label: str = "0", match_seconds: float = 60.0, settle_seconds: float = 0.5) -> None:
         self.registry = CollectorRegistry()
         self.metrics = VigilMetrics(self.registry)
         self.token = new_token()
         self.ids = RequestIds(self.token)
         self.log = PredictionLog(store, label, token=self.token)
         self.feedback = FeedbackService(store, self.metrics, self.token, match_seconds=match_seconds,
-                                        window_seconds=15, targets=lambda: ({CARD.name: CARD}, {}), label=label)
+                                        window_seconds=15, targets=lambda: ({CARD.name: CARD}, {}), label=label,
+                                        settle_seconds=settle_seconds)
         self.feedback.register()
 
     def serve(self, n: int, t: float | None = None) -> tuple[str, list[int]]:
@@ -119,6 +121,20 @@ def test_feedback_right_after_the_response_is_accepted_and_counted_once_its_row_
     assert counted(server, other) == 4
     frame = read_feedback(store, CARD.name)
     assert sorted(frame["actual"].tolist()) == ["0", "0", "1", "1"]  # the first actuals stand
+
+
+def test_the_settling_thread_counts_pending_feedback_by_itself(store: Store) -> None:
+    """Started, a worker's feedback service matches its pending feedback every ``settle_seconds``, unasked."""
+    server, other = Replica(store), Replica(store, settle_seconds=0.05)
+    rid, _ = server.serve(2)
+    assert other.send(rid, [0, 1])["pending"] == 2
+    other.feedback.start()
+    try:
+        server.log.flush()
+        wait_for_value(lambda: counted(other), 2)
+        assert other.feedback.pending_count() == 0
+    finally:
+        other.feedback.stop()
 
 
 def test_duplicates_pending_on_two_replicas_are_counted_once(store: Store) -> None:

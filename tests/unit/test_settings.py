@@ -20,6 +20,7 @@ def test_environment_sets_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     ("VIGIL_METRICS_FLUSH_SECONDS", "0"),
     ("VIGIL_METRICS_FLUSH_SECONDS", "60"),
     ("VIGIL_PREDLOG_SAMPLE_RATE", "1.5"),
+    ("VIGIL_FEEDBACK_SETTLE_SECONDS", "30"),  # past the 5 s heartbeat round: others would think it dead
     ("VIGIL_MAX_CONCURRENCY", "zero"),
 ])
 def test_bad_values_are_refused_naming_the_field(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
