@@ -20,7 +20,7 @@ from monitoring.predlog import LoggedRequest, PredictionLog, candidate_segments,
 from monitoring.store import Store
 from service.core.requestid import RequestIds, new_token
 from service.feedback import DEAD_AFTER_SECONDS, FeedbackItems, FeedbackService, FeedbackWhole, UnknownRequest
-from tests.servers import wait_for_value
+from tests.servers import wait_for
 from tests.unit.test_predlog import card
 
 pytestmark = pytest.mark.integration
@@ -131,8 +131,9 @@ def test_the_settling_thread_counts_pending_feedback_by_itself(store: Store) -> 
     other.feedback.start()
     try:
         server.log.flush()
-        wait_for_value(lambda: counted(other), 2)
-        assert other.feedback.pending_count() == 0
+        # Counted first, then no longer pending: wait for both.
+        wait_for(lambda: counted(other) == 2 and other.feedback.pending_count() == 0)
+        assert counted(server, other) == 2
     finally:
         other.feedback.stop()
 
