@@ -220,18 +220,16 @@ class FeedbackService:
                 self.workers.write(self.record)
 
     def _run(self) -> None:
-        last_beat = last_adopt = time.monotonic()
+        last_beat = time.monotonic()
         while not self._stop.wait(self.settle_seconds):
             try:
                 if not self.register():
                     continue
                 self.settle()
                 now = time.monotonic()
-                if now - last_beat >= HEARTBEAT_SECONDS:
+                if now - last_beat >= HEARTBEAT_SECONDS:  # say this worker is alive, take over the silent ones
                     last_beat = now
                     self.heartbeat()
-                if now - last_adopt >= HEARTBEAT_SECONDS:
-                    last_adopt = now
                     self.adopt()
             except Exception:  # noqa: BLE001 - the store may be away for a while; pending feedback stays stored
                 log.exception("settling pending feedback failed; retrying")

@@ -91,7 +91,7 @@ class Answerer:
                 served.breaker.record(False)
             else:
                 assert predictions is not None
-                bad = invalid_rows(served.card, predictions, entry.policy.output_range_margin)
+                bad = invalid_rows(served.card, predictions, policy.output_range_margin)
                 # One count serves both the breaker and the check (any() and sum() would be two passes).
                 bad_count = int(np.count_nonzero(bad))
                 served.breaker.record(bad_count == 0)
