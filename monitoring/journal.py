@@ -3,12 +3,18 @@
 The prediction log (:mod:`monitoring.predlog`) writes its segments to the store
 once per flush interval. Without a journal, a ``kill -9`` between two flushes
 loses the rows the dead process had answered but not yet written. So
-:meth:`Journal.write` appends each request's record, as one JSON line, to a
-file of the process's own under ``<data_dir>/journal/`` with a single
-``write`` (no fsync: the page cache outlives the process, which is the death
-this guards against, not the machine's). Each flush seals the current file and
-opens the next (:meth:`Journal.seal`); once the sealed rows are in the store
-the file is removed.
+:meth:`Journal.write` appends each request's record to a file of the process's
+own under ``<data_dir>/journal/`` with a single ``writev`` (no fsync: the page
+cache outlives the process, which is the death this guards against, not the
+machine's). Each flush seals the current file and opens the next
+(:meth:`Journal.seal`); once the sealed rows are in the store the file is
+removed.
+
+A record is one JSON line, followed by the raw bytes of its payload when it
+has one (the line's ``payload`` key says how many): the log's numeric matrix
+goes as its bytes, not as text, because formatting its numbers as JSON is
+most of what a record of many rows costs (``benchmarks/README.md``). Files
+of the earlier format (``.jsonl``, JSON lines only) are still recovered.
 
 A live process holds an exclusive ``flock`` on each of its files, and the
 kernel releases it when the process dies, however it dies. A process that
@@ -31,12 +37,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 log = logging.getLogger("vigil.predlog")
 
 JOURNAL_DIR = "journal"
-SUFFIX = ".jsonl"
+SUFFIX = ".journal"
+LEGACY_SUFFIX = ".jsonl"
+"""Journals written before records carried a payload: JSON lines only, read by the same reader."""
+PAYLOAD = "payload"
+"""The key of a record's line that says how many payload bytes follow the line."""
+
+Payload = bytes | memoryview | np.ndarray
+"""What a record carries beside its line: anything with the buffer protocol (a C-contiguous array as is)."""
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
 @dataclass(frozen=True)
@@ -96,9 +111,15 @@ class Journal:
         os.rename(staging, path)
         return path, fd
 
-    def write(self, line: dict[str, Any]) -> None:
-        """Append one request's record (one ``write``: a line is whole or, if the process dies in it, cut short)."""
-        os.write(self._fd, orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+    def write(self, line: dict[str, Any], payload: Payload | None = None) -> None:
+        """Append one request's record: its line, then its payload's bytes (one ``writev``: a record is whole or,
+        if the process dies in it, cut short). ``line`` must not use the key :data:`PAYLOAD`."""
+        if payload is None:
+            os.write(self._fd, orjson.dumps(line, option=_OPTIONS))
+            return
+        data = memoryview(payload).cast("B")
+        header = orjson.dumps({**line, PAYLOAD: data.nbytes}, option=_OPTIONS)
+        os.writev(self._fd, (header, data))
 
     def seal(self) -> Sealed:
         """Stop writing to the current file and start the next; the caller writes the sealed rows, then calls ``done``."""
@@ -118,21 +139,28 @@ class Journal:
 
 def writer_of(path: Path) -> Writer | None:
     """The writer a journal file's name records, or None for a name that is not a journal's."""
-    parts = path.name.removesuffix(SUFFIX).split("_")
+    if path.suffix not in (SUFFIX, LEGACY_SUFFIX):
+        return None
+    parts = path.name.removesuffix(path.suffix).split("_")
     if len(parts) != 4 or not parts[1].isdigit():
         return None
     return Writer(parts[0], int(parts[1]), parts[2])
 
 
-def orphans(directory: Path) -> Iterator[tuple[Writer, list[dict[str, Any]], Sealed]]:
+Record = tuple[dict[str, Any], memoryview | None]
+"""A record as read back: its line (without the payload key) and its payload's bytes, or None."""
+
+
+def orphans(directory: Path) -> Iterator[tuple[Writer, list[Record], Sealed]]:
     """Every journal file whose writer is dead, locked for the caller: its writer and its records.
 
-    A file another live process holds is skipped, and so is a line cut short by
-    its writer's death (logged).
+    A file another live process holds is skipped, and so is a record cut short
+    by its writer's death (logged).
     """
     if not directory.is_dir():
         return
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
+    paths = [*directory.glob(f"*{SUFFIX}"), *directory.glob(f"*{LEGACY_SUFFIX}")]
+    for path in sorted(paths):
         writer = writer_of(path)
         if writer is None:
             continue
@@ -151,11 +179,40 @@ def orphans(directory: Path) -> Iterator[tuple[Writer, list[dict[str, Any]], Sea
         if not path.exists():  # removed by the process that held it before we got the lock
             os.close(fd)
             continue
-        records: list[dict[str, Any]] = []
         with os.fdopen(os.dup(fd), "rb") as fh:
-            for number, line in enumerate(fh, 1):
-                try:
-                    records.append(orjson.loads(line))
-                except orjson.JSONDecodeError as exc:
-                    log.warning("journal %s line %d skipped (cut short): %s", path.name, number, exc)
+            records = read_records(fh.read(), path.name)
         yield writer, records, Sealed(path, fd)
+
+
+def read_records(data: bytes, name: str) -> list[Record]:
+    """The records of a journal file's bytes, ``name`` its file's name for the log.
+
+    A line that does not parse is skipped and the reading goes on at the next
+    line; a payload shorter than its line says ends the file (a record is only
+    cut short by its writer's death, so it is the last).
+    """
+    view = memoryview(data)
+    records: list[Record] = []
+    position, number = 0, 0
+    while position < len(data):
+        number += 1
+        end = data.find(b"\n", position)
+        if end < 0:
+            end = len(data)
+        try:
+            line = orjson.loads(view[position:end])
+        except orjson.JSONDecodeError as exc:
+            log.warning("journal %s record %d skipped (cut short): %s", name, number, exc)
+            position = end + 1
+            continue
+        position = end + 1
+        size = line.pop(PAYLOAD, None) if isinstance(line, dict) else None
+        if size is None:
+            records.append((line, None))
+            continue
+        if not isinstance(size, int) or size < 0 or position + size > len(data):
+            log.warning("journal %s record %d skipped (its payload is cut short)", name, number)
+            break
+        records.append((line, view[position:position + size]))
+        position += size
+    return records

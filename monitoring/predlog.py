@@ -62,6 +62,10 @@ log = logging.getLogger("vigil.predlog")
 LOG_DIR = "predlog"
 RECOVER_SECONDS = 60.0
 """How often the flusher looks for journals of dead processes (a worker its replica respawned)."""
+DICTIONARY_PAGE_BYTES = 32 * 1024
+"""Where a segment column's Parquet dictionary gives up and the column is written plain. Ids, versions, variants
+and labels stay well inside it; a continuous feature outgrows it within a few thousand rows, where arrow's
+default (1 MB) kept building a dictionary of every distinct value of a flush (``benchmarks/README.md``)."""
 
 
 @dataclass(slots=True)
@@ -87,24 +91,35 @@ class LoggedRequest:
     stops the worker while it lasts.
     """
 
-    def journal_line(self) -> dict[str, Any]:
-        """The record as the journal keeps it: the card as its model and version, the matrix as nested lists."""
-        return {"t": self.time, "id": self.request_id, "model": self.card.name, "version": self.card.version,
+    def journal_record(self) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The record as the journal keeps it: the card as its model and version; the matrix as its shape in the
+        line and its float64 bytes as the payload."""
+        matrix = self.matrix
+        line = {"t": self.time, "id": self.request_id, "model": self.card.name, "version": self.card.version,
                 "variant": self.variant, "instances": self.instances, "prediction": self.prediction,
-                "score": self.score, "reasons": self.reasons, "matrix": self.matrix}
+                "score": self.score, "reasons": self.reasons, "matrix": None if matrix is None else list(matrix.shape)}
+        return line, None if matrix is None else np.ascontiguousarray(matrix, dtype="<f8")
 
     @classmethod
-    def from_journal(cls, line: dict[str, Any], cards: dict[tuple[str, str], ModelCard],
+    def from_journal(cls, line: dict[str, Any], payload: memoryview | None, cards: dict[tuple[str, str], ModelCard],
                      card_for: Callable[[str, str], ModelCard]) -> LoggedRequest:
-        """A record from its journal line; ``cards`` caches ``card_for``. NaN, written as null, comes back as NaN."""
+        """A record from its journal line and payload; ``cards`` caches ``card_for``.
+
+        A line of the earlier journal format carries the matrix as nested lists, NaN written as null.
+        """
         key = (line["model"], line["version"])
         if key not in cards:
             cards[key] = card_for(*key)
-        matrix = line["matrix"]
+        stored = line["matrix"]  # the shape; in the earlier format the values
+        if stored is None:
+            matrix = None
+        elif payload is not None:
+            matrix = np.frombuffer(payload, dtype="<f8").reshape(stored)
+        else:
+            matrix = np.array(stored, dtype=np.float64).reshape(len(stored), -1)
         return cls(time=line["t"], request_id=line["id"], card=cards[key], variant=line["variant"],
                    instances=line["instances"], prediction=line["prediction"], score=line["score"],
-                   reasons=line["reasons"],
-                   matrix=None if matrix is None else np.array(matrix, dtype=np.float64).reshape(len(matrix), -1))
+                   reasons=line["reasons"], matrix=matrix)
 
     @property
     def size(self) -> int:
@@ -210,7 +225,7 @@ class PredictionLog:
     def _journal_write(self, record: LoggedRequest) -> None:
         assert self._journal is not None
         try:
-            self._journal.write(record.journal_line())
+            self._journal.write(*record.journal_record())
         except OSError as exc:  # disk full: the row is still buffered, only its crash safety is lost
             self._log_error(f"prediction log journal write failed: {exc}")
 
@@ -260,9 +275,9 @@ class PredictionLog:
         cards: dict[tuple[str, str], ModelCard] = {}
         for writer, lines, sealed in orphans(self.journal_dir):
             records = []
-            for line in lines:
+            for line, payload in lines:
                 try:
-                    records.append(LoggedRequest.from_journal(line, cards, card_for))
+                    records.append(LoggedRequest.from_journal(line, payload, cards, card_for))
                 except Exception as exc:  # noqa: BLE001 - a version gone from the registry, a foreign line
                     log.warning("journal %s: a record skipped: %s", sealed.path.name, exc)
             by_model = _by_model(records)
@@ -354,7 +369,7 @@ class PredictionLog:
         for hour, hour_records in by_hour.items():
             table = pa.Table.from_pydict(self._columns(hour_records))
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
+            pq.write_table(table, sink, compression="zstd", dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES)
             data = sink.getvalue().to_pybytes()
             newest = int(max(r.time for r in hour_records) * 1000)
             while True:
@@ -405,14 +420,20 @@ class PredictionLog:
             "prediction_score": pa.array(scores, type=pa.float64()),
         }
         names = card.feature_names
-        matrix = None
+        by_feature = None
         if all(r.matrix is not None and (r.card is card or r.card.feature_names == names) for r in records):
-            matrix = np.concatenate([r.matrix for r in records])  # type: ignore[misc]
+            # One feature per row, so each column is contiguous and arrow takes it without a copy
+            # (a strided column is copied value by value). NaN is a null input (inputs are finite
+            # otherwise); a null mask is made only for a column that has one.
+            by_feature = np.concatenate([r.matrix.T for r in records], axis=1)  # type: ignore[union-attr]
+            nan = np.isnan(by_feature)
+            has_null = nan.any(axis=1)
         for position, spec in enumerate(card.features):
             if spec.pii == "drop":
                 continue
-            if matrix is not None and spec.pii != "hash":
-                column = pa.array(matrix[:, position], from_pandas=True)  # NaN: a null input (inputs are finite)
+            if by_feature is not None and spec.pii != "hash":
+                mask = nan[position] if has_null[position] else None
+                column = pa.array(by_feature[position], mask=mask, type=pa.float64())
                 columns[spec.name] = column.cast(pa.int64()) if spec.type == "int" else column
                 continue
             values = [v for r in records for v in r.feature_values(spec.name)]

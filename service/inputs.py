@@ -154,6 +154,8 @@ class InstanceValidator:
         self.adapter = TypeAdapter(list[instance])
         self.instance_schema = TypeAdapter(instance).json_schema()
         self.all_numeric = all(f.type != "string" for f in card.features)
+        self.hashes_pii = card.hashes_pii
+        """The card's ``hashes_pii``, read on every request: the log then keeps the instance dicts."""
         self.nullable = [f.name for f in card.features if f.nullable]
         numeric = [i for i, f in enumerate(card.features) if f.type != "string"]
         self._numeric_idx = np.array(numeric, dtype=np.intp)

@@ -272,6 +272,10 @@ def tensor_name(card: ModelCard) -> str | None:
     when the card has a string feature (a float tensor cannot hold it)."""
     if any(f.type == "string" for f in card.features):
         return None
+    return _tensor_input(card)
+
+
+def _tensor_input(card: ModelCard) -> str:
     signature = card.signature
     return next(iter(signature.inputs)) if signature.input_mode == "tensor" else "input"
 
@@ -303,7 +307,7 @@ def batch_for(request: InferRequest, validator: InstanceValidator) -> Checked:
 def _matrix_batch(inputs: list[Tensor], validator: InstanceValidator) -> Checked:
     card = validator.card
     width = len(card.features)
-    expected = tensor_name(card)
+    expected = _tensor_input(card) if validator.all_numeric else None  # tensor_name, without its pass over features
     if expected is None:
         raise invalid(f"model '{card.name}' has a string feature, so it takes one input per feature "
                       f"({', '.join(validator.names)}), not one tensor", inputs[0].name)
@@ -328,7 +332,7 @@ def _matrix_batch(inputs: list[Tensor], validator: InstanceValidator) -> Checked
         matrix = _numbers(data, nullable * shape[0], validator, width).reshape(shape[0], width)
     batch, quality = validator.validate_matrix(matrix)
     assert batch.matrix is not None
-    return batch, quality, validator.instances_of(batch.matrix) if card.hashes_pii else None
+    return batch, quality, validator.instances_of(batch.matrix) if validator.hashes_pii else None
 
 
 def _feature_batch(inputs: list[Tensor], validator: InstanceValidator) -> Checked:
@@ -368,7 +372,7 @@ def _feature_batch(inputs: list[Tensor], validator: InstanceValidator) -> Checke
                                                                                    validator, 1, column)
         batch, quality = validator.validate_matrix(matrix)
         assert batch.matrix is not None
-        return batch, quality, validator.instances_of(batch.matrix) if card.hashes_pii else None
+        return batch, quality, validator.instances_of(batch.matrix) if validator.hashes_pii else None
     columns = {name: _column_values(tensor, specs[name].type, specs[name].nullable) for name, tensor in by_name.items()}
     present = list(columns)
     instances = [dict(zip(present, values)) for values in zip(*columns.values())]

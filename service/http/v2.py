@@ -54,8 +54,13 @@ def endpoint_of(path: str) -> str:
     return _match(path)[0]
 
 
+@functools.lru_cache(maxsize=1024)
 def _match(path: str) -> tuple[str, str | None, str | None]:
-    """(template, model name, version) of a ``/v2`` path; the template is ``other`` for anything else."""
+    """(template, model name, version) of a ``/v2`` path; the template is ``other`` for anything else.
+
+    Each request asks three times (its label, its handler, its model); the few paths a
+    deployment is sent stay in the bounded cache, and any other path is only parsed again.
+    """
     if path in _FIXED:
         return _FIXED[path], None, None
     parts = path.split("/")

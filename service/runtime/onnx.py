@@ -128,7 +128,7 @@ class OnnxPredictor(Predictor):
         labels = self._labels
         # Take the label from the probabilities so label and probabilities always agree
         # (and a NaN row shows up as non-finite probabilities, not as a silent class 0).
-        return Predictions(labels=[labels[i] for i in probs.argmax(axis=1)], probabilities=probs)
+        return Predictions(labels=[labels[i] for i in probs.argmax(axis=1).tolist()], probabilities=probs)
 
     def close(self) -> None:
         """Drop the onnxruntime session; its memory is freed once no call holds it."""

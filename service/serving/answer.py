@@ -301,7 +301,7 @@ def log_record(served: ServedVersion, instances: list[dict[str, Any]] | None, re
         score = binary_or_top_score(predictions.probabilities).tolist()
     has_fallback = any(r is not None for r in outcome.reasons)
     # With the numeric matrix the log needs the instance dicts only to hash PII features.
-    keep_instances = batch.matrix is None or served.card.hashes_pii
+    keep_instances = batch.matrix is None or served.validator.hashes_pii
     return LoggedRequest(time=time.time(), request_id=request_id, card=served.card, variant=served.variant,
                          instances=instances if keep_instances else None, prediction=prediction, score=score,
                          reasons=outcome.reasons if has_fallback else None, matrix=batch.matrix)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from monitoring.journal import JOURNAL_DIR
+from monitoring.journal import JOURNAL_DIR, SUFFIX
 from monitoring.feedback import read_feedback
 from monitoring.predlog import read_log, segment_keys
 from tests.fleet.conftest import ADMIN_TOKEN, Fleet, reference_rows, truths
@@ -112,7 +112,7 @@ def test_both_replicas_write_segments_of_their_own_and_only_their_journal_locall
     for server in fleet.replicas:
         local = server.home / "var"
         files = [p.relative_to(local) for p in local.rglob("*") if p.is_file()]
-        assert files and all(p.parts[0] == JOURNAL_DIR and p.suffix == ".jsonl" for p in files), files
+        assert files and all(p.parts[0] == JOURNAL_DIR and p.suffix == SUFFIX for p in files), files
 
 
 def test_jobs_read_every_replicas_rows_and_every_replica_takes_the_verdict(fleet: Fleet) -> None:

@@ -58,21 +58,30 @@ def test_soak_loses_nothing_and_memory_stays_flat(example_registry: Path, tmp_pa
     rows = reference_rows(example_registry)
     with vigil_server(example_registry, workers=2, env={"VIGIL_DATA_DIR": str(data_dir)}) as server:
         bodies = write_bodies(tmp_path / "soak.json", rows, [1, 1, 4, 16, 1, 64])
-        # Warm-up with the same mix. Measured here: a worker's RSS climbs ~60 MB over its first
-        # ~12k requests (allocator pools and caches filling, with or without the prediction log),
-        # then stays within a few MB; a leak would keep climbing.
+        # Warm-up with the same mix: allocator pools and caches fill over the first requests.
         warmed = finish(start_load(server.url, bodies, 8, requests=12_000))
         workers = server.workers()
         assert len(workers) == 2
-        rss_before = sum(p.memory_info().rss for p in workers)
         # Each worker writes its counts within its flush interval (about twice that when idle):
         # wait until both workers' warm-up counts are exported.
         server.wait_for_metric("vigil_predictions_total", warmed["instances"])
-        result = finish(start_load(server.url, bodies, 8, requests=SOAK_REQUESTS))
-        assert result["requests"] == result["answered"] == SOAK_REQUESTS, result
+        # The soak runs in two halves, RSS read before, between and after. A leak grows the workers
+        # in both halves alike; a one-off step (a backlog of unflushed log rows under a busy
+        # machine, an arena the allocator keeps) lands in one half only. So the smaller of the two
+        # growths is the leak's measure: under 12 MB per 10,000 requests, about 1.2 KB a request.
+        # Measured on a quiet machine: flat within ±5 MB per worker from 5,000 to 60,000 requests;
+        # in a full suite one step of 36 MB was seen once.
+        half = SOAK_REQUESTS // 2
+        rss = [sum(p.memory_info().rss for p in workers)]
+        results = []
+        for _ in range(2):
+            results.append(finish(start_load(server.url, bodies, 8, requests=half)))
+            rss.append(sum(p.memory_info().rss for p in workers))
+        result = {key: results[0][key] + results[1][key] for key in results[0]}
+        assert result["requests"] == result["answered"] == 2 * half, result
         assert result["errors5xx"] == result["connection_errors"] == 0, result
-        rss_after = sum(p.memory_info().rss for p in workers)
-        assert rss_after - rss_before < 25 * 1024 * 1024, (rss_before, rss_after)
+        growth = [after - before for before, after in zip(rss, rss[1:])]
+        assert min(growth) < 12 * 1024 * 1024 * half / 10_000, f"RSS {rss}: grew in both halves, {growth} bytes"
         server.wait_for_metric("vigil_predictions_total", warmed["instances"] + result["instances"])
         # Every answered instance is logged once; the log flushes within a second of the last request.
         wait_for_value(lambda: len(read_log(data_dir, "cancer")), warmed["instances"] + result["instances"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.journal import JOURNAL_DIR, Journal, Writer, orphans
+from monitoring.journal import JOURNAL_DIR, LEGACY_SUFFIX, SUFFIX, Journal, Writer, orphans
 from monitoring.predlog import LoggedRequest, PredictionLog, read_log, segment_keys
 from monitoring.store import LocalStore
 from service.core.card import ModelCard
@@ -104,10 +104,10 @@ def test_a_flush_removes_what_it_wrote_from_the_journal(tmp_path: Path) -> None:
     log = PredictionLog(tmp_path, worker="1", journal_dir=tmp_path / JOURNAL_DIR)
     for i in range(3):
         log.append(request(c, f"r{i}", 2))
-    files = list((tmp_path / JOURNAL_DIR).glob("*.jsonl"))
+    files = list((tmp_path / JOURNAL_DIR).glob(f"*{SUFFIX}"))
     assert len(files) == 1 and len(files[0].read_bytes().splitlines()) == 3
     log.flush()
-    files = list((tmp_path / JOURNAL_DIR).glob("*.jsonl"))
+    files = list((tmp_path / JOURNAL_DIR).glob(f"*{SUFFIX}"))
     assert len(files) == 1 and files[0].read_bytes() == b""  # the next file, empty
     log.close()
 
@@ -116,14 +116,14 @@ def test_a_line_cut_short_by_the_writers_death_is_skipped_and_the_rest_recovered
     c = card()
     directory = tmp_path / JOURNAL_DIR
     journal = Journal(directory, Writer("1", 4242, "deadbeef0000"))
-    journal.write(request(c, "whole", 2).journal_line())
+    journal.write(*request(c, "whole", 2).journal_record())
     os.write(journal._fd, b'{"t": 1.0, "id": "cut')  # a write the kernel saw only part of
     os.close(journal._fd)  # the writer dies: its lock goes with it
     found = list(orphans(directory))
     assert len(found) == 1
     writer, lines, sealed = found[0]
     assert writer == Writer("1", 4242, "deadbeef0000")
-    assert [line["id"] for line in lines] == ["whole"]
+    assert [line["id"] for line, _ in lines] == ["whole"]
     sealed.done()
     assert list(directory.iterdir()) == []
 
@@ -133,17 +133,65 @@ def test_the_numeric_matrix_and_its_nulls_come_back_as_written(tmp_path: Path) -
     directory = tmp_path / JOURNAL_DIR
     journal = Journal(directory, Writer("1", 7, "cafe00000000"))
     matrix = np.array([[1.5, np.nan, 3.0], [4.0, 5.0, 6.25]])
-    journal.write(LoggedRequest(time=1.0, request_id="m", card=c, variant="canary", instances=None,
+    journal.write(*LoggedRequest(time=1.0, request_id="m", card=c, variant="canary", instances=None,
                                 prediction=[1, 0], score=None, reasons=["missing_input", None],
-                                matrix=matrix).journal_line())
+                                matrix=matrix).journal_record())
     os.close(journal._fd)  # the writer dies
-    [(_, [line], sealed)] = list(orphans(directory))
-    record = LoggedRequest.from_journal(line, {}, cards_of(c))
+    [(_, [(line, payload)], sealed)] = list(orphans(directory))
+    record = LoggedRequest.from_journal(line, payload, {}, cards_of(c))
     assert record.matrix is not None
     np.testing.assert_array_equal(record.matrix, matrix)
     assert (record.variant, record.prediction, record.reasons, record.instances) == (
         "canary", [1, 0], ["missing_input", None], None)
     sealed.done()
+
+
+def matrix_request(request_id: str, matrix: np.ndarray) -> LoggedRequest:
+    return LoggedRequest(time=1.0, request_id=request_id, card=card(), variant="stable", instances=None,
+                         prediction=[0] * len(matrix), score=None, reasons=None, matrix=matrix)
+
+
+def test_payload_bytes_that_look_like_line_breaks_do_not_split_a_record(tmp_path: Path) -> None:
+    directory = tmp_path / JOURNAL_DIR
+    journal = Journal(directory, Writer("1", 7, "cafe00000000"))
+    breaks = np.frombuffer(b"\n" * 16, dtype="<f8").reshape(1, 2)  # each value's 8 bytes are all line breaks
+    first = np.hstack([breaks, [[2.0]]])
+    second = np.array([[7.0, np.nan, -1e300], [0.0, 1.0, 2.0]])
+    journal.write(*matrix_request("a", first).journal_record())
+    journal.write(*matrix_request("b", second).journal_record())
+    os.close(journal._fd)
+    [(_, records, sealed)] = list(orphans(directory))
+    back = [LoggedRequest.from_journal(line, payload, {}, cards_of(card())) for line, payload in records]
+    assert [r.request_id for r in back] == ["a", "b"]
+    np.testing.assert_array_equal(back[0].matrix, first)
+    np.testing.assert_array_equal(back[1].matrix, second)
+    sealed.done()
+
+
+def test_a_payload_cut_short_by_the_writers_death_is_skipped_and_the_records_before_it_recovered(
+        tmp_path: Path) -> None:
+    directory = tmp_path / JOURNAL_DIR
+    journal = Journal(directory, Writer("1", 7, "cafe00000000"))
+    journal.write(*matrix_request("whole", np.ones((2, 3))).journal_record())
+    os.write(journal._fd, b'{"t": 1.0, "id": "cut", "matrix": [2, 3], "payload": 48}\n' + bytes(20))
+    os.close(journal._fd)
+    [(_, records, sealed)] = list(orphans(directory))
+    assert [line["id"] for line, _ in records] == ["whole"]
+    sealed.done()
+
+
+def test_a_journal_of_the_earlier_json_lines_format_is_still_recovered(tmp_path: Path) -> None:
+    directory = tmp_path / JOURNAL_DIR
+    directory.mkdir()
+    line = (b'{"t": 1.0, "id": "old", "model": "churn", "version": "2", "variant": "stable", "instances": null, '
+            b'"prediction": [1, 0], "score": null, "reasons": null, "matrix": [[1.5, null, 3.0], [4.0, 5.0, 6.0]]}\n')
+    (directory / f"1_4242_deadbeef0000_00000001{LEGACY_SUFFIX}").write_bytes(line)
+    [(writer, [(stored, payload)], sealed)] = list(orphans(directory))
+    assert writer == Writer("1", 4242, "deadbeef0000") and payload is None
+    record = LoggedRequest.from_journal(stored, payload, {}, cards_of(card()))
+    np.testing.assert_array_equal(record.matrix, [[1.5, np.nan, 3.0], [4.0, 5.0, 6.0]])
+    sealed.done()
+    assert list(directory.iterdir()) == []
 
 
 class FailingStore(LocalStore):
@@ -162,7 +210,7 @@ def test_a_journal_whose_rows_cannot_be_written_now_is_kept_for_the_next_try(tmp
     store = FailingStore(tmp_path / "store")
     successor = PredictionLog(store, worker="1", journal_dir=tmp_path / JOURNAL_DIR)
     assert successor.recover(cards_of(card())) == 0
-    assert len(list((tmp_path / JOURNAL_DIR).glob("*.jsonl"))) == 2  # the dead one's, and the successor's own
+    assert len(list((tmp_path / JOURNAL_DIR).glob(f"*{SUFFIX}"))) == 2  # the dead one's, and the successor's own
     store.down = False
     assert successor.recover(cards_of(card())) == 8
     assert sorted(set(read_log(store, "churn")["request_id"])) == sorted(accepted)
@@ -176,10 +224,11 @@ def test_a_row_for_a_version_gone_from_the_registry_is_skipped_not_fatal(tmp_pat
         raise KeyError(f"no card {model}:{version}")
 
     assert successor.recover(no_cards) == 0
-    assert [p for p in (tmp_path / JOURNAL_DIR).glob("*.jsonl") if successor.token not in p.name] == []
+    assert [p for p in (tmp_path / JOURNAL_DIR).glob(f"*{SUFFIX}") if successor.token not in p.name] == []
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "a_b.jsonl", "1_x_tok_00000001.jsonl"])
+@pytest.mark.parametrize("name", ["notes.txt", "a_b.jsonl", "1_x_tok_00000001.jsonl", "a_b.journal",
+                                  "1_x_tok_00000001.journal"])
 def test_files_that_are_not_journals_are_left_alone(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_text("x")
     assert list(orphans(tmp_path)) == []
